@@ -1,0 +1,113 @@
+"""The course text: calibration and held-out evaluation tokens.
+
+Offline (the default) the text is Python's own documentation, ``pydoc_data.topics``: it ships
+with every CPython, so every reader gets the same ~113k tokens. Its topics are joined in name
+order and cut at paragraph breaks into chunks of about 4,000 characters; every fifth chunk is
+held out for evaluation. Both parts then span the whole documentation, hold 80/20 of the text
+(a few topics are huge, so splitting by topic would not), and the split never changes. Online, ``dataset="wikitext2"`` gives WikiText-2 (train for
+calibration, test for evaluation) through the ``datasets`` package, as the papers use.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+import torch
+
+__all__ = ["DATASETS", "course_text", "load_text", "token_stream", "calibration_samples", "eval_tokens"]
+
+Split = Literal["calibration", "evaluation"]
+DATASETS = ("pydoc", "wikitext2")
+EVAL_EVERY = 5  # every 5th chunk (20 %) is held out
+CHUNK_CHARS = 4000
+
+
+@lru_cache(maxsize=None)
+def _pydoc_topics() -> tuple[tuple[str, str], ...]:
+    from pydoc_data.topics import topics
+
+    return tuple(sorted(topics.items()))
+
+
+def course_text() -> str:
+    """All of ``pydoc_data.topics``, topics in name order, separated by blank lines."""
+    return "\n\n".join(body for _, body in _pydoc_topics())
+
+
+def _chunks(text: str) -> list[str]:
+    chunks, current = [], []
+    size = 0
+    for paragraph in text.split("\n\n"):
+        current.append(paragraph)
+        size += len(paragraph)
+        if size >= CHUNK_CHARS:
+            chunks.append("\n\n".join(current))
+            current, size = [], 0
+    if current:
+        chunks.append("\n\n".join(current))
+    return chunks
+
+
+@lru_cache(maxsize=None)
+def load_text(split: Split = "calibration", dataset: str = "pydoc") -> str:
+    """The raw text of one split.
+
+    Args:
+        split: ``"calibration"`` or ``"evaluation"`` (held out, never seen during calibration).
+        dataset: ``"pydoc"`` (offline default) or ``"wikitext2"`` (needs the network and ``datasets``).
+    """
+    if split not in ("calibration", "evaluation"):
+        raise ValueError(f"split must be 'calibration' or 'evaluation', got {split!r}")
+    if dataset == "pydoc":
+        held_out = split == "evaluation"
+        chunks = _chunks(course_text())
+        return "\n\n".join(c for i, c in enumerate(chunks) if (i % EVAL_EVERY == EVAL_EVERY - 1) == held_out)
+    if dataset == "wikitext2":
+        try:
+            from datasets import load_dataset
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("dataset='wikitext2' needs the 'datasets' package: pip install 'quantcourse[online]'") from e
+        hf_split = "train" if split == "calibration" else "test"
+        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)["text"]
+        return "\n\n".join(rows)  # as the GPTQ reference code joins it
+    raise ValueError(f"unknown dataset {dataset!r}: choose one of {DATASETS}")
+
+
+def _tokenizer_key(tokenizer) -> str:
+    return f"{getattr(tokenizer, 'name_or_path', '')}:{type(tokenizer).__name__}:{len(tokenizer)}"
+
+
+_TOKEN_CACHE: dict[tuple[str, str, str], torch.Tensor] = {}
+
+
+def token_stream(tokenizer, split: Split = "calibration", dataset: str = "pydoc") -> torch.Tensor:
+    """The whole split tokenized once (cached per process): int64 tensor ``[n_tokens]``."""
+    key = (_tokenizer_key(tokenizer), split, dataset)
+    if key not in _TOKEN_CACHE:
+        ids = tokenizer(load_text(split, dataset), return_tensors="pt", add_special_tokens=False).input_ids[0]
+        _TOKEN_CACHE[key] = ids
+    return _TOKEN_CACHE[key]
+
+
+def calibration_samples(
+    tokenizer, n_samples: int = 32, seq_len: int = 512, *, seed: int = 0, dataset: str = "pydoc"
+) -> torch.Tensor:
+    """Random windows of the calibration split, as the GPTQ reference code draws them.
+
+    Returns:
+        int64 tensor ``[n_samples, seq_len]``; the same seed gives the same windows.
+    """
+    if n_samples < 1 or seq_len < 1:
+        raise ValueError(f"n_samples and seq_len must be positive, got {n_samples} and {seq_len}")
+    ids = token_stream(tokenizer, "calibration", dataset)
+    if len(ids) <= seq_len:
+        raise ValueError(f"the calibration text has {len(ids)} tokens, fewer than seq_len={seq_len}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seq_len, (n_samples,), generator=gen)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def eval_tokens(tokenizer, dataset: str = "pydoc") -> torch.Tensor:
+    """The held-out split, tokenized: int64 tensor ``[n_tokens]``."""
+    return token_stream(tokenizer, "evaluation", dataset)

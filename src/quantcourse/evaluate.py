@@ -1,0 +1,92 @@
+"""How good is a quantized model: perplexity, SQNR, relative error, per-layer output error.
+
+Every chapter reports these numbers; chapter 3 introduces them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["perplexity", "sqnr_db", "relative_error", "layer_output_error"]
+
+
+@torch.no_grad()
+def perplexity(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    *,
+    seq_len: int = 512,
+    n_windows: int | None = 8,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> float:
+    """Perplexity over non-overlapping windows of ``tokens``, as the GPTQ paper measures it.
+
+    Each window of ``seq_len`` tokens is scored independently (no context carried over); the
+    result is ``exp`` of the mean next-token negative log-likelihood over all scored tokens.
+
+    Args:
+        model: a causal LM returning ``.logits`` ``[batch, seq_len, vocab]``.
+        tokens: int64 ``[n_tokens]``, e.g. :func:`quantcourse.data.eval_tokens`.
+        seq_len: window length.
+        n_windows: how many windows from the start (``None``: all that fit).
+        batch_size: windows per forward pass.
+        progress: show a tqdm bar.
+    """
+    if tokens.dim() != 1 or tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"tokens must be a 1-D integer tensor, got shape {tuple(tokens.shape)} and dtype {tokens.dtype}")
+    available = len(tokens) // seq_len
+    n = available if n_windows is None else n_windows
+    if n < 1 or n > available:
+        raise ValueError(f"{len(tokens)} tokens hold {available} windows of {seq_len}; asked for {n_windows}")
+    device = next(model.parameters()).device
+    windows = tokens[: n * seq_len].reshape(n, seq_len).long()
+    total_nll, total_count = 0.0, 0
+    for start in tqdm(range(0, n, batch_size), desc="perplexity", disable=not progress, leave=False):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(batch).logits.float()
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total_nll += nll.item()
+        total_count += batch[:, 1:].numel()
+    return math.exp(total_nll / total_count)
+
+
+def _check_pair(x: torch.Tensor, x_hat: torch.Tensor) -> None:
+    if x.shape != x_hat.shape:
+        raise ValueError(f"shapes differ: {tuple(x.shape)} vs {tuple(x_hat.shape)}")
+
+
+def sqnr_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(||x||² / ||x - x̂||²)`` in dB (∞ if exact).
+
+    Each extra bit of a uniform quantizer adds about 6.02 dB.
+    """
+    _check_pair(x, x_hat)
+    noise = (x.double() - x_hat.double()).pow(2).sum().item()
+    signal = x.double().pow(2).sum().item()
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+
+
+def relative_error(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """``||x - x̂||_F / ||x||_F``."""
+    _check_pair(x, x_hat)
+    return ((x.double() - x_hat.double()).norm() / x.double().norm().clamp_min(1e-300)).item()
+
+
+def layer_output_error(W: torch.Tensor, W_hat: torch.Tensor, X: torch.Tensor) -> float:
+    """Relative error of a linear layer's output on real inputs: ``||X Wᵀ - X Ŵᵀ||_F / ||X Wᵀ||_F``.
+
+    Args:
+        W, W_hat: ``[out, in]`` original and quantized weights.
+        X: ``[tokens, in]`` inputs the layer actually sees.
+    """
+    _check_pair(W, W_hat)
+    if X.shape[-1] != W.shape[1]:
+        raise ValueError(f"X has {X.shape[-1]} features but W expects {W.shape[1]}")
+    X = X.reshape(-1, X.shape[-1]).double()
+    return relative_error(X @ W.double().T, X @ W_hat.double().T)

@@ -1,0 +1,19 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def course_model():
+    """The course model and tokenizer (a fresh copy per test that asks for it via ``load_model``)."""
+    from quantcourse.models import load_model
+
+    return load_model()
