@@ -1,0 +1,77 @@
+"""Entry points: quantize a float32 matrix to llama.cpp bytes, and dequantize them back.
+
+Chapter 11 (GGUF).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+
+from .base import BlockFormat, get_format
+
+__all__ = ["quantize", "dequantize", "bits_per_weight"]
+
+
+def _check_matrix(x: torch.Tensor, fmt: type[BlockFormat]) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}; use torch.from_numpy for numpy arrays")
+    if x.dtype != torch.float32:
+        raise TypeError(f"x must be float32 (llama.cpp quantizes from float32), got {x.dtype}; call x.float() first")
+    if x.ndim != 2:
+        raise ValueError(f"x must be a 2-D [rows, cols] matrix, got shape {tuple(x.shape)}")
+    if x.shape[1] % fmt.block_size != 0:
+        raise ValueError(
+            f"{fmt.name} needs rows whose length is a multiple of {fmt.block_size}, got {x.shape[1]} columns; "
+            "llama.cpp falls back to another type for such tensors (see quantcourse.gguf.tensor_type)"
+        )
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or Inf; llama.cpp refuses such weights, and so do we")
+
+
+def quantize(x: torch.Tensor, qtype: str | GGMLQuantizationType, *, chunk_blocks: int = 8192) -> np.ndarray:
+    """Quantize a float32 matrix to llama.cpp's bytes for ``qtype``, byte-identical to ``ggml_quantize_chunk``
+    without an importance matrix.
+
+    Args:
+        x: float32 ``[rows, cols]``; ``cols`` a multiple of the format's block size (32 or 256). Not modified.
+        qtype: gguf-py name (``"Q4_K"``) or a ``gguf.GGMLQuantizationType``.
+        chunk_blocks: blocks processed per vectorized step (a memory/cache knob; the bytes do not depend on it).
+    Returns:
+        uint8 numpy array ``[rows, cols // block_size * type_size]``, the rows as a GGUF file stores them.
+    """
+    fmt = get_format(qtype)
+    _check_matrix(x, fmt)
+    blocks = x.detach().reshape(-1, fmt.block_size)
+    parts = [fmt.quantize_blocks(chunk) for chunk in torch.split(blocks, chunk_blocks)] if len(blocks) else []
+    out = torch.cat(parts) if parts else torch.empty((0, fmt.type_size), dtype=torch.uint8)
+    return out.reshape(x.shape[0], -1).cpu().numpy()
+
+
+def dequantize(data: np.ndarray | torch.Tensor, qtype: str | GGMLQuantizationType, shape: tuple[int, int]) -> torch.Tensor:
+    """Decode llama.cpp bytes to float32, identically to gguf-py's ``dequantize``.
+
+    Args:
+        data: uint8 bytes (any shape, ``rows · cols / block_size · type_size`` of them).
+        qtype: gguf-py name or ``GGMLQuantizationType``.
+        shape: ``(rows, cols)`` of the float matrix.
+    Returns:
+        float32 tensor of ``shape``.
+    """
+    fmt = get_format(qtype)
+    raw = torch.as_tensor(np.ascontiguousarray(data)) if not isinstance(data, torch.Tensor) else data
+    if raw.dtype != torch.uint8:
+        raise TypeError(f"data must be uint8 bytes, got {raw.dtype}")
+    rows, cols = shape
+    if cols % fmt.block_size != 0:
+        raise ValueError(f"{fmt.name} rows must be a multiple of {fmt.block_size}, got shape {tuple(shape)}")
+    expected = rows * cols // fmt.block_size * fmt.type_size
+    if raw.numel() != expected:
+        raise ValueError(f"{fmt.name} of shape {tuple(shape)} takes {expected} bytes, got {raw.numel()}")
+    return fmt.dequantize_blocks(raw.reshape(-1, fmt.type_size)).reshape(rows, cols)
+
+
+def bits_per_weight(qtype: str | GGMLQuantizationType) -> float:
+    """Bits per weight of a block format, scales included (Q4_K: 4.5)."""
+    return get_format(qtype).bits_per_weight()

@@ -1,0 +1,108 @@
+"""Float32 arithmetic exactly as llama.cpp's C reference quantizers do it.
+
+Chapter 11 (GGUF) teaches why these matter. Byte-identical output needs more than the right
+formula: the C code works in float32 (never double), rounds with ``nearest_int`` (half to
+even, via a magic-number trick), accumulates sums one element after the other, converts
+floats to small integers by truncation, and stores scales as IEEE half floats. Each helper
+here reproduces one of those behaviours on whole tensors at once.
+
+Layout convention for the scale searches: a tensor ``[n, B]`` holds ``B`` (sub-)blocks of
+``n`` elements each, position-major, so that ``t[i]`` (element ``i`` of every block) is
+contiguous and a sequential sum over ``i`` is ``n`` fast vector additions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "nearest_int", "seq_sum", "div", "recip", "trunc_to_byte", "round_away",
+    "fp16_bits", "fp16_round", "first_absmax", "positive_max",
+]
+
+_MAGIC = 12582912.0  # 1.5 * 2**23: adding it leaves the rounded integer in the low mantissa bits
+_INT_MIN = -(2**31)
+
+
+def nearest_int(f: torch.Tensor) -> torch.Tensor:
+    """``nearest_int`` of ggml-quants.c: float32 ``[...]`` -> int32, round half to even.
+
+    Adds 1.5·2²³ in float32 and reads the mantissa bits, exactly as the C code does, so
+    that out-of-range values give the same (meaningless) integers as the C code.
+    """
+    bits = (f + _MAGIC).view(torch.int32)
+    return (bits & 0x7FFFFF) - 0x400000
+
+
+def seq_sum(t: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+    """``float s = start; for i: s += t[i]`` in float32, for every block at once.
+
+    Args:
+        t: float32 ``[n, B]`` (position-major).
+        start: float32 ``[B]`` initial value; ``0`` when None.
+    Returns:
+        float32 ``[B]``, rounded after every addition like the C loop (a pairwise
+        ``torch.sum`` rounds differently).
+    """
+    acc = torch.zeros_like(t[0]) if start is None else start.clone()
+    for row in t:  # fixed, small n (16 or 32 positions), vectorized over all blocks
+        acc.add_(row)
+    return acc
+
+
+def div(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
+    """Correctly rounded float32 ``a / b`` (a Python number on the left would become
+    ``b.reciprocal() * a`` in PyTorch, which rounds twice)."""
+    a_t = a if isinstance(a, torch.Tensor) else torch.tensor(a, dtype=torch.float32)
+    b_t = b if isinstance(b, torch.Tensor) else torch.tensor(b, dtype=torch.float32)
+    return torch.div(a_t, b_t)
+
+
+def recip(t: torch.Tensor) -> torch.Tensor:
+    """``1.0f / t`` with one rounding."""
+    return torch.div(torch.ones_like(t), t)
+
+
+def trunc_to_byte(v: torch.Tensor) -> torch.Tensor:
+    """C's ``(int8_t)v`` / ``(uint8_t)v`` for float32 ``v`` as x86-64 GCC compiles it.
+
+    The float is truncated to int32 (``cvttss2si``: NaN and out-of-range give INT_MIN), and
+    the low byte is kept. Returns int32 in 0..255 (the byte's bit pattern).
+    """
+    t = v.trunc()
+    ok = t.abs() < 2.0**31  # False for NaN and +-inf too
+    as_int = torch.where(ok, t, torch.zeros_like(t)).to(torch.int32)
+    return torch.where(ok, as_int, torch.full_like(as_int, _INT_MIN)) & 0xFF
+
+
+def round_away(v: torch.Tensor) -> torch.Tensor:
+    """C ``roundf``: round half away from zero (float32 in, float32 out)."""
+    t = v.trunc()
+    frac = (v - t).abs()  # exact in float32
+    return torch.where(frac >= 0.5, t + torch.sign(v), t)
+
+
+def fp16_bits(f: torch.Tensor) -> torch.Tensor:
+    """float32 ``[...]`` -> its IEEE half (round to nearest even) as 2 little-endian bytes ``[..., 2]`` uint8."""
+    return f.to(torch.float16).contiguous().view(torch.uint8).reshape(*f.shape, 2)
+
+
+def fp16_round(f: torch.Tensor) -> torch.Tensor:
+    """``GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(f))``: the value a stored half gives back."""
+    return f.to(torch.float16).to(torch.float32)
+
+
+def first_absmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The signed element of largest magnitude along ``dim``, the first one on ties.
+
+    ``if (amax < fabsf(v)) { amax = fabsf(v); max = v; }`` of the C code (starting from 0,
+    so an all-zero block gives +0).
+    """
+    idx = x.abs().argmax(dim=dim, keepdim=True)
+    top = x.gather(dim, idx).squeeze(dim)
+    return torch.where(top.abs() > 0, top, torch.zeros_like(top))
+
+
+def positive_max(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``m = 0; if (v > m) m = v;`` along ``dim``: the largest positive value, or 0 (NaN never wins)."""
+    return torch.where(x > 0, x, torch.zeros_like(x)).amax(dim=dim)

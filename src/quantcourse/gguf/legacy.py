@@ -1,0 +1,193 @@
+"""llama.cpp's original block formats: 32 weights per block, one scale (and a minimum).
+
+Chapter 11 (GGUF). Each class reproduces ``quantize_row_*_ref`` of ``ggml-quants.c`` byte
+for byte (no importance matrix) and dequantizes as gguf-py does. All blocks are handled at
+once: ``blocks`` is float32 ``[B, 32]``.
+
+The common nibble order: byte ``j`` of ``qs`` holds element ``j`` in its low nibble and
+element ``j + 16`` in its high nibble (not ``2j`` and ``2j + 1``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import BlockFormat, half_from_bytes, le_bytes, split_bytes
+from .cfloat import first_absmax, fp16_bits, recip, round_away, trunc_to_byte
+
+__all__ = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+
+
+def _signed(byte: torch.Tensor) -> torch.Tensor:
+    """A byte pattern 0..255 read as ``int8_t``."""
+    return (byte ^ 0x80) - 0x80
+
+
+def _safe_recip(d: torch.Tensor) -> torch.Tensor:
+    """``d ? 1.0f/d : 0.0f``"""
+    return torch.where(d != 0, recip(d), torch.zeros_like(d))
+
+
+def _nibbles(q: torch.Tensor) -> torch.Tensor:
+    """codes ``[B, 32]`` (0..255 patterns) -> ``qs`` ``[B, 16]``: low nibble j, high nibble j + 16."""
+    return ((q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)).to(torch.uint8)
+
+
+def _fifth_bits(q: torch.Tensor) -> torch.Tensor:
+    """codes ``[B, 32]`` -> ``qh`` ``[B, 4]``: bit ``j`` of the little-endian uint32 = bit 4 of code ``j``."""
+    bits = ((q >> 4) & 1).to(torch.int64) << torch.arange(32, device=q.device)
+    return le_bytes(bits.sum(dim=1), 4)
+
+
+def _unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    qs = qs.to(torch.int32)
+    return torch.cat([qs & 0x0F, qs >> 4], dim=1)  # [B, 32]
+
+
+def _unpack_fifth_bits(qh: torch.Tensor) -> torch.Tensor:
+    word = (qh.to(torch.int64) << torch.arange(0, 32, 8, device=qh.device)).sum(dim=1, keepdim=True)
+    return ((word >> torch.arange(32, device=qh.device)) & 1).to(torch.int32)  # [B, 32]
+
+
+class Q8_0(BlockFormat):
+    """8-bit codes with one half-float scale; x = d·q. 34 bytes per 32 weights = 8.5 bits/weight.
+
+    ::
+
+        byte  0   2                                   34
+              +---+-----------------------------------+
+              | d |  qs[32]: int8 codes, element j    |
+              +---+-----------------------------------+
+        d = absmax / 127,  q = roundf(x / d)   (half away from zero)
+    """
+
+    name = "Q8_0"
+
+    @classmethod
+    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+        d = blocks.abs().amax(dim=1) / 127  # [B]
+        q = trunc_to_byte(round_away(blocks * _safe_recip(d)[:, None]))
+        return torch.cat([fp16_bits(d), q.to(torch.uint8)], dim=1)
+
+    @classmethod
+    def dequantize_blocks(cls, data: torch.Tensor) -> torch.Tensor:
+        d, qs = split_bytes(data, [2, 32])
+        return qs.contiguous().view(torch.int8).to(torch.float32) * half_from_bytes(d)
+
+
+class Q4_0(BlockFormat):
+    """4-bit codes, symmetric, one half-float scale; x = d·(q − 8). 18 bytes / 32 = 4.5 bits/weight.
+
+    ::
+
+        byte  0   2                         18
+              +---+-------------------------+
+              | d | qs[16]                  |     qs[j] = q[j] | q[j+16] << 4
+              +---+-------------------------+
+        d = max / -8   (max: the signed element of largest magnitude, so q = 0 hits it exactly)
+        q = min(15, (int8_t)(x / d + 8.5))     (truncation, not rounding)
+    """
+
+    name = "Q4_0"
+
+    @classmethod
+    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+        d = first_absmax(blocks, 1) / -8
+        q = _signed(trunc_to_byte(blocks * _safe_recip(d)[:, None] + 8.5)).clamp(max=15) & 0xFF
+        return torch.cat([fp16_bits(d), _nibbles(q)], dim=1)
+
+    @classmethod
+    def dequantize_blocks(cls, data: torch.Tensor) -> torch.Tensor:
+        d, qs = split_bytes(data, [2, 16])
+        return half_from_bytes(d) * (_unpack_nibbles(qs) - 8).to(torch.float32)
+
+
+class Q4_1(BlockFormat):
+    """4-bit codes with a scale and a minimum; x = d·q + m. 20 bytes / 32 = 5.0 bits/weight.
+
+    ::
+
+        byte  0   2   4                         20
+              +---+---+-------------------------+
+              | d | m | qs[16]                  |     qs[j] = q[j] | q[j+16] << 4
+              +---+---+-------------------------+
+        m = min,  d = (max - min) / 15,  q = min(15, (int8_t)((x - m) / d + 0.5))
+    """
+
+    name = "Q4_1"
+    n_levels = 15
+
+    @classmethod
+    def _codes(cls, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lo = blocks.gather(1, blocks.argmin(dim=1, keepdim=True)).squeeze(1)
+        hi = blocks.gather(1, blocks.argmax(dim=1, keepdim=True)).squeeze(1)
+        d = (hi - lo) / cls.n_levels
+        q = trunc_to_byte((blocks - lo[:, None]) * _safe_recip(d)[:, None] + 0.5)
+        return d, lo, q
+
+    @classmethod
+    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+        d, lo, q = cls._codes(blocks)
+        q = _signed(q).clamp(max=15) & 0xFF
+        return torch.cat([fp16_bits(d), fp16_bits(lo), _nibbles(q)], dim=1)
+
+    @classmethod
+    def dequantize_blocks(cls, data: torch.Tensor) -> torch.Tensor:
+        d, m, qs = split_bytes(data, [2, 2, 16])
+        return half_from_bytes(d) * _unpack_nibbles(qs).to(torch.float32) + half_from_bytes(m)
+
+
+class Q5_0(BlockFormat):
+    """5-bit codes, symmetric; x = d·(q − 16). 22 bytes / 32 = 5.5 bits/weight.
+
+    ::
+
+        byte  0   2        6                         22
+              +---+--------+-------------------------+
+              | d | qh[4]  | qs[16]                  |
+              +---+--------+-------------------------+
+        qs[j] = low 4 bits of q[j] | low 4 bits of q[j+16] << 4
+        qh (a little-endian uint32): bit j = 5th bit (value 16) of q[j], j = 0..31
+        d = max / -16,  q = min(31, (int8_t)(x / d + 16.5))
+    """
+
+    name = "Q5_0"
+
+    @classmethod
+    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+        d = first_absmax(blocks, 1) / -16
+        q = _signed(trunc_to_byte(blocks * _safe_recip(d)[:, None] + 16.5)).clamp(max=31) & 0xFF
+        return torch.cat([fp16_bits(d), _fifth_bits(q), _nibbles(q)], dim=1)
+
+    @classmethod
+    def dequantize_blocks(cls, data: torch.Tensor) -> torch.Tensor:
+        d, qh, qs = split_bytes(data, [2, 4, 16])
+        q = _unpack_nibbles(qs) | (_unpack_fifth_bits(qh) << 4)
+        return half_from_bytes(d) * (q - 16).to(torch.float32)
+
+
+class Q5_1(Q4_1):
+    """5-bit codes with a scale and a minimum; x = d·q + m. 24 bytes / 32 = 6.0 bits/weight.
+
+    ::
+
+        byte  0   2   4        8                         24
+              +---+---+--------+-------------------------+
+              | d | m | qh[4]  | qs[16]                  |     (qh, qs as in Q5_0)
+              +---+---+--------+-------------------------+
+        m = min,  d = (max - min) / 31,  q = (uint8_t)((x - m) / d + 0.5)   (no clamp in the C code)
+    """
+
+    name = "Q5_1"
+    n_levels = 31
+
+    @classmethod
+    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+        d, lo, q = cls._codes(blocks)
+        return torch.cat([fp16_bits(d), fp16_bits(lo), _fifth_bits(q), _nibbles(q)], dim=1)
+
+    @classmethod
+    def dequantize_blocks(cls, data: torch.Tensor) -> torch.Tensor:
+        d, m, qh, qs = split_bytes(data, [2, 2, 4, 16])
+        q = _unpack_nibbles(qs) | (_unpack_fifth_bits(qh) << 4)
+        return half_from_bytes(d) * q.to(torch.float32) + half_from_bytes(m)

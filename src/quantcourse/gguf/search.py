@@ -1,0 +1,183 @@
+"""The scale searches of llama.cpp's K-quants, for all sub-blocks at once.
+
+Chapter 11 (GGUF). A K-quant does not simply take ``scale = absmax / qmax``: for every
+sub-block of 16 or 32 weights it tries a fixed number of candidate scales and keeps the one
+with the smallest weighted error (``make_qkx2_quants`` for the formats with a minimum,
+``make_qx_quants`` and ``make_q3_quants`` for the symmetric ones). The candidates are a
+short, fixed list, so the loops here run over candidates (and over the 16 or 32 positions of
+a sum, to add in the C code's order), never over blocks.
+
+Every tensor is position-major: ``x`` is float32 ``[n, B]`` for ``B`` sub-blocks of ``n``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .cfloat import div, first_absmax, nearest_int, recip, seq_sum
+
+__all__ = ["SearchResult", "make_qkx2_quants", "make_qx_quants", "make_q3_quants"]
+
+GROUP_MAX_EPS = 1e-15
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Result of a scale search over ``B`` sub-blocks.
+
+    Attributes:
+        scale: float32 ``[B]``.
+        min: float32 ``[B]``, the (positive) amount subtracted, x ≈ scale·L − min; zeros for symmetric searches.
+        L: int32 ``[n, B]`` codes (offset to be non-negative, as the C code stores them).
+    """
+
+    scale: torch.Tensor
+    min: torch.Tensor
+    L: torch.Tensor
+
+
+def _f32(v: float) -> float:
+    """A Python float holding the float32 value C would compute."""
+    return float(np.float32(v))
+
+
+def _weighted_error(w, x, L, scale, lo, use_mad):
+    diff = scale * L.to(torch.float32) + lo - x  # ((scale*L) + min) - x, as in C
+    return seq_sum(w * (diff.abs() if use_mad else diff * diff))
+
+
+def make_qkx2_quants(
+    x: torch.Tensor, w: torch.Tensor, *, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
+) -> SearchResult:
+    """Asymmetric scale search (``make_qkx2_quants``): codes 0..nmax, x ≈ scale·L − min.
+
+    Start from the min/max grid, then try ``iscale = (rmin + rdelta·is + nmax) / (max − min)``
+    for ``is = 0..nstep``; for each, fit scale and min by weighted least squares (the 2×2
+    normal equations; min clamped to ≤ 0) and keep it if the weighted error (squared, or
+    absolute when ``use_mad``) is lower.
+
+    Args:
+        x, w: float32 ``[n, B]`` values and importance weights.
+        nmax: largest code (15 for Q4_K, 31 for Q5_K, 3 for Q2_K).
+        rmin, rdelta, nstep: the candidate grid (Q4_K: −1, 0.1, 20).
+        use_mad: absolute instead of squared error (Q2_K).
+    Returns:
+        :class:`SearchResult` with ``min`` = −(fitted offset) ≥ 0.
+    """
+    lo = x.amin(dim=0).clamp(max=0)  # [B]; the C code sets min = 0 when min > 0
+    hi = x.amax(dim=0)
+    flat = hi == lo  # the C code returns scale 0, codes 0 before searching
+    sum_w = seq_sum(w[1:], start=w[0])
+    sum_x = seq_sum(w[1:] * x[1:], start=w[0] * x[0])
+    iscale = div(float(nmax), hi - lo)
+    scale = recip(iscale)
+    L = nearest_int(iscale * (x - lo)).clamp(0, nmax)
+    best = _weighted_error(w, x, L, scale, lo, use_mad)
+    for step in range(nstep + 1):
+        num = _f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax)
+        # the grid is re-centred on the best min found so far, as in the C loop
+        Laux = nearest_int(div(num, hi - lo) * (x - lo)).clamp(0, nmax)
+        lf = Laux.to(torch.float32)
+        wl = w * lf
+        sum_l, sum_l2, sum_xl = seq_sum(wl), seq_sum(wl * lf), seq_sum(wl * x)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+        clip = this_min > 0
+        this_scale = torch.where(clip, sum_xl / sum_l2, this_scale)
+        this_min = torch.where(clip, torch.zeros_like(this_min), this_min)
+        err = _weighted_error(w, x, Laux, this_scale, this_min, use_mad)
+        better = (D > 0) & (err < best)
+        L = torch.where(better, Laux, L)
+        best = torch.where(better, err, best)
+        scale = torch.where(better, this_scale, scale)
+        lo = torch.where(better, this_min, lo)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    L = torch.where(flat, torch.zeros_like(L), L)
+    lo = torch.where(flat, x.amin(dim=0).clamp(max=0), lo)
+    return SearchResult(scale=scale, min=-lo, L=L)
+
+
+def make_qx_quants(x: torch.Tensor, *, nmax: int, w: torch.Tensor | None = None) -> SearchResult:
+    """Symmetric scale search (``make_qx_quants`` with ``rmse_type = 1``): codes −nmax..nmax−1.
+
+    ``iscale = −nmax / max`` (max: the signed element of largest magnitude), least-squares
+    scale with weights ``x²`` (or ``w``), then 18 more candidates ``−(nmax + 0.1·is) / max``,
+    ``is = ±1..±9``, kept when they raise ``(Σwxl)² / Σwl²``.
+
+    Args:
+        x: float32 ``[n, B]``.
+        nmax: 32 for Q6_K, 4 for the Q3_K imatrix path.
+        w: optional float32 ``[n, B]`` weights (the importance matrix); ``x²`` when None.
+    Returns:
+        :class:`SearchResult`; ``L`` holds ``l + nmax`` in 0..2·nmax−1.
+    """
+    mx = first_absmax(x, 0)  # [B]
+    w = x * x if w is None else w
+    wx = w * x
+
+    def sums(iscale):
+        l = nearest_int(iscale * x).clamp(-nmax, nmax - 1)
+        lf = l.to(torch.float32)
+        return l, seq_sum(wx * lf), seq_sum(w * lf * lf)
+
+    L, sumlx, suml2 = sums(div(float(-nmax), mx))
+    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
+    best = scale * sumlx
+    for step in [s for s in range(-9, 10) if s != 0]:
+        num = -_f32(nmax + _f32(_f32(0.1) * step))
+        l, slx, sl2 = sums(div(num, mx))
+        better = (sl2 > 0) & (slx * slx > best * sl2)
+        L = torch.where(better, l, L)
+        scale = torch.where(better, slx / sl2, scale)
+        best = torch.where(better, scale * slx, best)
+    zero = mx.abs() < GROUP_MAX_EPS
+    return SearchResult(
+        scale=torch.where(zero, torch.zeros_like(scale), scale),
+        min=torch.zeros_like(scale),
+        L=torch.where(zero, torch.zeros_like(L), L + nmax),
+    )
+
+
+def make_q3_quants(x: torch.Tensor, *, nmax: int = 4, n_passes: int = 5) -> SearchResult:
+    """Symmetric search with coordinate descent (``make_q3_quants``, ``do_rmse = true``) for Q3_K.
+
+    Start from ``l = nearest_int(−nmax / max · x)`` in −nmax..nmax−1, weights ``x²``; then up
+    to ``n_passes`` passes that move one code at a time to its best value given the others and
+    keep the move when it raises ``(Σwxl)² / Σwl²``. A pass that changes nothing would change
+    nothing again, so running every pass for every sub-block gives the C code's result.
+
+    Args:
+        x: float32 ``[n, B]``.
+    Returns:
+        :class:`SearchResult`; ``L`` holds ``l + nmax`` in 0..2·nmax−1.
+    """
+    mx = first_absmax(x, 0)
+    w = x * x
+    wx = w * x
+    L = nearest_int(div(float(-nmax), mx) * x).clamp(-nmax, nmax - 1)  # [n, B]
+    lf = L.to(torch.float32)
+    sumlx, suml2 = seq_sum(wx * lf), seq_sum(w * lf * lf)
+    for _ in range(n_passes):
+        for i in range(x.shape[0]):  # sequential within a block: each move sees the previous ones
+            Li = L[i].to(torch.float32)
+            slx = sumlx - wx[i] * Li
+            sl2 = suml2 - w[i] * Li * Li
+            new_l = nearest_int(x[i] * sl2 / slx).clamp(-nmax, nmax - 1)
+            nf = new_l.to(torch.float32)
+            slx2 = slx + wx[i] * nf
+            sl22 = sl2 + w[i] * nf * nf
+            take = (slx > 0) & (new_l != L[i]) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            L[i] = torch.where(take, new_l, L[i])
+            sumlx = torch.where(take, slx2, sumlx)
+            suml2 = torch.where(take, sl22, suml2)
+    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
+    zero = mx.abs() < GROUP_MAX_EPS
+    return SearchResult(
+        scale=torch.where(zero, torch.zeros_like(scale), scale),
+        min=torch.zeros_like(scale),
+        L=torch.where(zero, torch.zeros_like(L), L + nmax),
+    )
