@@ -14,11 +14,21 @@ Asymmetric (zero-point), with the range widened to contain 0 so that 0 is exact:
     q = clamp(round(x / scale) + zero_point, qmin, qmax)
 
 and in both cases ``dequantize(q) = (q - zero_point) * scale``. ``round`` is torch's
-round-half-to-even, the same as ``torch.fake_quantize_per_*_affine``.
+round-half-to-even, as in optimum-quanto and ``torch.fake_quantize_per_*_affine``.
+
+Worked example (chapter 2): asymmetric int8 on ``[-1, 1]`` has ``scale = 2/255`` and
+``zero_point = 128``; 0.5 is 63.75 steps from 0, rounds to 64 steps (code 192) and comes back
+as ``64 * 2/255 = 0.50196``.
+
+``x / scale`` is a true division, as optimum-quanto computes it (our int8 codes equal its codes
+bit for bit). torch's ``fake_quantize_per_*_affine`` multiplies by a rounded reciprocal
+``1 / scale`` instead; the two agree except for the rare value that lies within a float32
+rounding error of a tie between two codes (about one element in a million at 8 bits).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +39,7 @@ __all__ = ["QParams", "choose_qparams", "quantize", "dequantize", "fake_quantize
 
 MIN_BITS, MAX_BITS = 2, 8
 # A scale of exactly 0 (an all-zero group) would make x / scale = NaN; any tiny positive
-# scale maps that group to its zero point and back to exactly 0.
+# scale maps that group to its zero point and back to exactly 0. torch's observers use the same floor.
 SCALE_EPS = torch.finfo(torch.float32).eps
 
 
@@ -70,18 +80,36 @@ def check_n_bits(n_bits: int) -> None:
         raise ValueError(f"n_bits must be an int from {MIN_BITS} to {MAX_BITS}, got {n_bits!r}")
 
 
-def check_float_tensor(x: torch.Tensor, name: str = "x") -> None:
-    """Raise a clear error unless ``x`` is a finite floating-point tensor."""
+def _check_float_type(x: torch.Tensor, name: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}; convert it with {name}.float()")
     if x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}): there is nothing to quantize")
-    if not torch.isfinite(x).all():
-        n_bad = int((~torch.isfinite(x)).sum())
+
+
+def _raise_if_not_finite(x: torch.Tensor, name: str) -> None:
+    n_bad = int((~torch.isfinite(x)).sum())
+    if n_bad:
         raise ValueError(f"{name} contains {n_bad} NaN or Inf values: quantization needs finite inputs; "
                          "find where they come from (torch.isfinite) before quantizing")
+
+
+def check_float_tensor(x: torch.Tensor, name: str = "x") -> None:
+    """Raise a clear error unless ``x`` is a non-empty, finite floating-point tensor."""
+    _check_float_type(x, name)
+    # Any NaN or Inf makes the sum non-finite. The sum is one pass with no temporary tensor; only
+    # when it is not finite (NaN/Inf, or a finite sum that overflowed) do we count element by element.
+    if not torch.isfinite(x.detach().sum()):
+        _raise_if_not_finite(x, name)
+
+
+def _check_granularity(granularity: Granularity, x: torch.Tensor) -> None:
+    if not isinstance(granularity, Granularity):
+        raise TypeError(f"granularity must be PerTensor(), PerChannel(axis), PerToken() or PerGroup(group_size), "
+                        f"got {granularity!r}")
+    granularity.check(x)
 
 
 def choose_qparams(
@@ -93,55 +121,108 @@ def choose_qparams(
         x: float tensor of any shape (a weight ``[out, in]`` or activations ``[..., hidden]``).
         n_bits: 2..8.
         symmetric: absmax scheme if True, zero-point scheme otherwise.
-        granularity: ``PerTensor()``, ``PerChannel(axis)``, ``PerToken()`` or ``PerGroup(g)``.
+        granularity: ``PerTensor()``, ``PerChannel(axis)``, ``PerToken()`` or ``PerGroup(group_size)``.
 
     Returns:
-        ``QParams`` with float32 ``scale`` and int32 ``zero_point`` shaped by ``granularity``.
+        ``QParams`` with float32 ``scale`` and int32 ``zero_point`` shaped by ``granularity``
+        (e.g. ``[out, 1]`` for ``PerChannel(0)`` of a ``[out, in]`` weight).
     """
-    check_float_tensor(x)
+    _check_float_type(x, "x")
     check_n_bits(n_bits)
-    if not isinstance(granularity, Granularity):
-        raise TypeError(f"granularity must be PerTensor(), PerChannel(axis), PerToken() or PerGroup(g), got {granularity!r}")
-    granularity.check(x)
-    xf = x.detach().float()
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be True (absmax) or False (zero point), got {symmetric!r}")
+    _check_granularity(granularity, x)
+    x = x.detach()
+    # Two reductions and no temporary tensor (x.abs() would copy x). amax/amin propagate NaN and
+    # Inf, so their sums are finite unless some element is not (or a huge sum overflowed: recount).
+    hi = granularity.reduce(x, torch.amax).float()
+    lo = granularity.reduce(x, torch.amin).float()
+    if not math.isfinite(hi.sum().item() - lo.sum().item()):
+        _raise_if_not_finite(x, "x")
     if symmetric:
         qmax = 2 ** (n_bits - 1) - 1
-        absmax = granularity.reduce(xf.abs(), torch.amax)
+        absmax = torch.maximum(hi, -lo)
         scale = (absmax / qmax).clamp(min=SCALE_EPS)
         zero_point = torch.zeros_like(scale, dtype=torch.int32)
     else:
         qmax = 2**n_bits - 1
-        lo = granularity.reduce(xf, torch.amin).clamp(max=0)
-        hi = granularity.reduce(xf, torch.amax).clamp(min=0)
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         scale = ((hi - lo) / qmax).clamp(min=SCALE_EPS)
         zero_point = torch.round(-lo / scale).clamp(0, qmax).to(torch.int32)
     return QParams(scale, zero_point, n_bits, symmetric, granularity)
 
 
+def _check_qparams(qparams: QParams, x: torch.Tensor, name: str) -> None:
+    if not isinstance(qparams, QParams):
+        raise TypeError(f"qparams must be the QParams that choose_qparams returns, got {type(qparams).__name__}")
+    g = qparams.granularity
+    _check_granularity(g, x)
+    expected = g.param_shape(x.shape)
+    if tuple(qparams.scale.shape) != expected:
+        raise ValueError(
+            f"qparams hold scales of shape {tuple(qparams.scale.shape)}, but {name} of shape {tuple(x.shape)} "
+            f"with {g} needs {expected}: compute them with choose_qparams on a tensor shaped like {name}"
+        )
+
+
+def _float_codes(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
+    """``clamp(round(x / scale) + zero_point, qmin, qmax)`` as a new float32 tensor of ``x``'s shape."""
+    g = qparams.granularity
+    xg, scale = g.broadcast(x.detach(), qparams.scale)
+    q = torch.div(xg.float(), scale)  # the one new tensor; the steps below work on it in place
+    q.round_()
+    if not qparams.symmetric:
+        q.add_(g.broadcast(x, qparams.zero_point)[1])
+    q.clamp_(qparams.qmin, qparams.qmax)
+    return q.reshape(x.shape)
+
+
+def _dequantize_float_codes_(q: torch.Tensor, qparams: QParams) -> torch.Tensor:
+    """``(q - zero_point) * scale`` in place on the float32 tensor ``q`` (made contiguous first, so
+    that the grouped view below is a view and not a copy); returns it."""
+    q = q.contiguous()
+    g = qparams.granularity
+    qg, scale = g.broadcast(q, qparams.scale)  # a view of q: in-place ops write into q
+    if not qparams.symmetric:
+        qg.sub_(g.broadcast(q, qparams.zero_point)[1])  # integers below 2^9: exact in float32
+    qg.mul_(scale)
+    return q
+
+
 def quantize(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
     """Map ``x`` to integer codes: ``clamp(round(x / scale) + zero_point, qmin, qmax)``.
 
-    Returns an int8 tensor (symmetric) or uint8 tensor (asymmetric) of ``x``'s shape.
+    Args:
+        x: float tensor, shaped like the tensor ``qparams`` were chosen for.
+        qparams: from :func:`choose_qparams`.
+
+    Returns:
+        int8 codes in ``[qmin, qmax]`` (symmetric) or uint8 codes (asymmetric), of ``x``'s shape.
     """
     check_float_tensor(x)
-    qparams.granularity.check(x)
-    g = qparams.granularity
-    scale = g.expand(qparams.scale, x)
-    zero_point = g.expand(qparams.zero_point, x)
-    q = torch.round(x.detach().float() / scale) + zero_point
-    return q.clamp(qparams.qmin, qparams.qmax).to(qparams.code_dtype)
+    _check_qparams(qparams, x, "x")
+    return _float_codes(x, qparams).to(qparams.code_dtype)
 
 
 def dequantize(q: torch.Tensor, qparams: QParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Map integer codes back to floats: ``(q - zero_point) * scale``, as ``dtype``."""
-    if not isinstance(q, torch.Tensor) or q.is_floating_point() or q.dtype == torch.bool:
+    """Map integer codes back to floats: ``(q - zero_point) * scale``.
+
+    Args:
+        q: integer codes from :func:`quantize`.
+        qparams: the parameters they were quantized with.
+        dtype: floating-point dtype of the result.
+
+    Returns:
+        a ``dtype`` tensor of ``q``'s shape.
+    """
+    if not isinstance(q, torch.Tensor) or q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
         raise TypeError(f"q must be an integer tensor of codes (from quantize), got "
                         f"{q.dtype if isinstance(q, torch.Tensor) else type(q).__name__}")
-    g = qparams.granularity
-    g.check(q)
-    scale = g.expand(qparams.scale, q)
-    zero_point = g.expand(qparams.zero_point, q)
-    return ((q.to(torch.int32) - zero_point).float() * scale).to(dtype)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.float32, got {dtype!r}")
+    _check_qparams(qparams, q, "q")
+    out = _dequantize_float_codes_(q.to(torch.float32), qparams)
+    return out.to(dtype)
 
 
 def fake_quantize(
@@ -149,7 +230,11 @@ def fake_quantize(
 ) -> torch.Tensor:
     """Quantize and dequantize in one step: the float values the integer model would compute with.
 
-    Returns a tensor of ``x``'s shape and dtype.
+    Equal to ``dequantize(quantize(x, qp), qp, x.dtype)`` with ``qp = choose_qparams(...)``, without
+    materializing the integer codes.
+
+    Returns:
+        a tensor of ``x``'s shape and dtype.
     """
     qparams = choose_qparams(x, n_bits, symmetric=symmetric, granularity=granularity)
-    return dequantize(quantize(x, qparams), qparams, dtype=x.dtype)
+    return _dequantize_float_codes_(_float_codes(x, qparams), qparams).to(x.dtype)
