@@ -1,0 +1,483 @@
+"""GPTQ: quantize a linear layer column by column, feeding each column's error forward.
+
+Chapter 6 (GPTQ) teaches this module. Paper: Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate
+Post-Training Quantization for Generative Pre-trained Transformers", ICLR 2023 (arXiv:2210.17323).
+Reference code: IST-DASLab/gptq (``gptq.py``, ``quant.py``), whose behaviour this module reproduces.
+
+For one linear layer with weight ``W [out, in]`` and calibration inputs ``X [tokens, in]``, GPTQ
+looks for codes on the quantization grid that keep the layer's outputs close::
+
+    minimise  ||X Wᵀ - X Ŵᵀ||² / N  =  ½ tr((W - Ŵ) H (W - Ŵ)ᵀ),   H = 2 XᵀX / N
+
+It quantizes one input column at a time and spreads that column's rounding error over the
+columns not yet quantized, with the update of Optimal Brain Surgeon (OBS) restricted to one
+row of ``H⁻¹`` (Eq. 2-3 of the paper). Three tricks make it fast: every row of ``W`` uses the same
+column order, so one ``H⁻¹`` serves all rows; updates are applied lazily, 128 columns at a time;
+and the rows of ``H⁻¹`` that the updates need are the rows of its upper Cholesky factor.
+
+Faithfulness to the reference (``fasterquant(blocksize=128, percdamp=.01, groupsize=-1,
+actorder=False, static_groups=False)``), step by step:
+
+1. Dead inputs (``diag(H) == 0``: the input never fired): ``H[i, i] = 1`` and ``W[:, i] = 0``.
+2. ``act_order``: columns in descending order of ``diag(H)``; codes are returned in the original order.
+3. Damping: ``H += damp * mean(diag(H)) * I`` with ``damp = 0.01``.
+4. ``U = cholesky(cholesky_inverse(cholesky(H)), upper=True)``: the upper Cholesky factor of ``H⁻¹``.
+5. Per column ``i`` (in the chosen order), with ``d = U[i, i]``: ``q = quant(w)``,
+   ``err = (w - q) / d``, ``W[:, i:] -= err ⊗ U[i, i:]``; loss ``+= (w - q)² / d² / 2``.
+   Inside a lazy block of ``block_size`` columns the update touches only the block; after the block,
+   ``W[:, end:] -= Err @ U[block, end:]``.
+6. Group parameters (``group_size``): *dynamic* groups (the default) compute a group's scale and zero
+   point when its first column comes up, from ``W`` as updated by all earlier lazy blocks (the reference
+   reads ``W``, not the block's working copy, so with ``group_size < block_size`` a group starting inside
+   a block does not see that block's earlier updates; we reproduce this). ``static_groups`` computes every
+   group's parameters from the (dead-column-zeroed) original ``W`` before anything else, in the original
+   column order, so that act-order keeps groups contiguous. Per-channel parameters (no ``group_size``) come
+   from the original ``W`` before step 1, as in the reference.
+7. The grid is the reference's ``quant.py`` grid, see :func:`gptq_qparams`.
+
+What ``n`` counts in ``H``: the reference averages over calibration *sequences*
+(``H = 2/N_seq Σ xxᵀ``); :func:`accumulate_hessian` takes ``X [tokens, in]`` and averages over
+*tokens* (``H = 2/N_tok Σ xxᵀ``), which is the reference's ``H`` divided by the sequence length. The
+quantized weights do not change (damping is relative to ``mean(diag(H))`` and every update is a ratio
+of entries of ``H⁻¹``); only ``loss`` scales, and with our ``H`` it reads as "squared output error per
+token, summed over outputs".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Literal
+
+import torch
+from torch import nn
+
+from .granularity import Granularity, PerChannel, PerGroup
+from .primitives import MIN_BITS, QParams, check_float_tensor, check_n_bits, choose_qparams
+
+__all__ = [
+    "GPTQResult", "accumulate_hessian", "gptq_qparams", "gptq_quantize", "rtn_quantize", "hessian_error",
+    "HessianCollector", "quantize_model",
+]
+
+DAMP = 0.01  # percdamp of the reference
+BLOCK_SIZE = 128  # blocksize of the reference
+
+
+@dataclass(frozen=True)
+class GPTQResult:
+    """A quantized weight matrix: integer codes, their parameters, and the dequantized weight.
+
+    Attributes:
+        weight: ``[out, in]``, the dtype of the input ``W``: the dequantized weight
+            ``scale[:, g_idx] * (codes - zero_point[:, g_idx])``.
+        codes: uint8 ``[out, in]`` in the original column order, each in ``[0, 2**n_bits - 1]``.
+        scale: float32 ``[out, n_groups]`` (``n_groups == 1`` per channel).
+        zero_point: int32 ``[out, n_groups]``.
+        g_idx: int64 ``[in]``: the group of each input column. ``arange(in) // group_size`` except with
+            act-order and dynamic groups, where groups follow the quantization order.
+        perm: int64 ``[in]``: the order the columns were quantized in (``None`` without act-order).
+        loss: ``Σ (w - q)² / d² / 2`` as the reference reports it (``None`` for round-to-nearest).
+        n_bits, group_size, symmetric: the settings used (``group_size=None``: per channel).
+    """
+
+    weight: torch.Tensor
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    g_idx: torch.Tensor
+    perm: torch.Tensor | None
+    loss: float | None
+    n_bits: int
+    group_size: int | None
+    symmetric: bool
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``scale[:, g_idx] * (codes - zero_point[:, g_idx])`` as ``dtype``: equals ``weight``."""
+        return dequantize_codes(self.codes, self.scale, self.zero_point, self.g_idx, dtype)
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, g_idx: torch.Tensor,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dequantize ``codes [out, in]`` with per-group ``scale``/``zero_point [out, n_groups]`` and ``g_idx [in]``."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    q = codes.to(compute) - zero_point[:, g_idx].to(compute)
+    return (scale[:, g_idx].to(compute) * q).to(dtype)
+
+
+def accumulate_hessian(H: torch.Tensor | None, n_seen: int, X: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Add a batch of inputs to the running mean ``H = 2/N Σ x xᵀ`` (N counts tokens: rows of ``X``).
+
+    ``H_new = H * n/(n + m) + 2/(n + m) * XᵀX`` for a batch of ``m`` rows, as the reference's
+    ``add_batch`` (which counts sequences instead; see the module docstring).
+
+    Args:
+        H: float ``[in, in]`` so far, or ``None`` before the first batch.
+        n_seen: how many rows (tokens) ``H`` already averages over.
+        X: float ``[tokens, in]`` (or ``[..., in]``, flattened): the inputs of the linear layer.
+
+    Returns:
+        ``(H_new, n_seen + tokens)``; ``H_new`` is a new float32 tensor (float64 if ``X`` is).
+    """
+    check_float_tensor(X, "X")
+    X = X.reshape(-1, X.shape[-1])
+    dtype = torch.float64 if X.dtype == torch.float64 else torch.float32
+    m = X.shape[0]
+    if H is None:
+        H = torch.zeros(X.shape[1], X.shape[1], dtype=dtype, device=X.device)
+    if H.shape != (X.shape[1], X.shape[1]):
+        raise ValueError(f"H has shape {tuple(H.shape)} but X has {X.shape[1]} features: "
+                         f"H must be [{X.shape[1]}, {X.shape[1]}] (one Hessian per linear layer)")
+    n = n_seen + m
+    Xs = X.to(dtype) * (2.0 / n) ** 0.5  # scale before the product, as the reference does
+    return H.to(dtype) * (n_seen / n) + Xs.T @ Xs, n
+
+
+def gptq_qparams(W: torch.Tensor, n_bits: int, *, symmetric: bool = False,
+                 granularity: Granularity = PerChannel(0)) -> QParams:
+    """Scale and zero point on the reference's grid (``quant.py`` ``Quantizer.find_params``).
+
+    Both schemes use unsigned codes ``0 .. 2**n_bits - 1`` and dequantize as ``scale * (q - zero)``:
+
+    * asymmetric (the reference's default): exactly :func:`quantcourse.choose_qparams` with
+      ``symmetric=False`` (range widened to contain 0, ``scale = (max - min) / (2^b - 1)``,
+      ``zero = round(-min / scale)``), except that an all-zero row gets the range ``[-1, 1]`` as in
+      the reference instead of the library's tiny scale;
+    * symmetric: ``scale = 2·absmax / (2^b - 1)`` and ``zero = 2^(b-1)`` (8 at 4 bits), so the grid
+      spans ``[-2^(b-1), 2^(b-1) - 1]`` steps: all ``2^b`` levels, one more negative than positive. The
+      library's own symmetric scheme (``choose_qparams(symmetric=True)``: signed codes, ``zero = 0``,
+      ``2^b - 1`` levels, ``scale = absmax / (2^(b-1) - 1)``) is a different grid, which GPTQ does not use.
+      A quirk kept from the reference: a row with no negative value keeps ``min = 0``, so its scale is
+      ``max / (2^b - 1)`` while the zero point stays at the middle.
+
+    Returned as a zero-point :class:`~quantcourse.QParams` (``symmetric=False``, since the codes are
+    unsigned), so :func:`quantcourse.quantize` and :func:`quantcourse.dequantize` apply unchanged.
+
+    Args:
+        W: float ``[out, cols]``.
+        n_bits: 2..8.
+        symmetric: the reference's ``--sym``.
+        granularity: ``PerChannel(0)`` (one row each) or ``PerGroup(g)``.
+    """
+    check_n_bits(n_bits)
+    maxq = 2**n_bits - 1
+    if symmetric:
+        check_float_tensor(W, "W")
+        granularity.check(W)
+        Wf = W.detach().float()
+        lo = granularity.reduce(Wf, torch.amin).clamp(max=0)
+        hi = torch.maximum(-lo, granularity.reduce(Wf, torch.amax).clamp(min=0))
+        scale = torch.where(lo < 0, hi + hi, hi) / maxq  # [-hi, hi], or [0, hi] when nothing is negative
+        zero_point = torch.full_like(scale, 2 ** (n_bits - 1))
+    else:
+        qp = choose_qparams(W, n_bits, symmetric=False, granularity=granularity)
+        scale, zero_point = qp.scale, qp.zero_point.float()
+    # An all-zero row gets the range [-1, 1], computed as the reference computes it.
+    all_zero = granularity.reduce(W.detach().abs().float(), torch.amax) == 0
+    one = torch.ones((), device=W.device)
+    scale_1 = (one + one) / maxq
+    zero_1 = torch.full_like(one, 2 ** (n_bits - 1)) if symmetric else torch.round(one / scale_1)
+    scale = torch.where(all_zero, scale_1, scale)
+    zero_point = torch.where(all_zero, zero_1, zero_point)
+    return QParams(scale.float(), zero_point.to(torch.int32), n_bits, False, granularity)
+
+
+def _check_layer(W: torch.Tensor, H: torch.Tensor | None, n_bits: int, group_size: int | None,
+                 allow_partial_group: bool) -> None:
+    check_float_tensor(W, "W")
+    if W.dim() != 2:
+        raise ValueError(f"W must be a 2-D weight [out, in], got shape {tuple(W.shape)}")
+    check_n_bits(n_bits)
+    if H is not None:
+        check_float_tensor(H, "H")
+        if H.dim() != 2 or H.shape[0] != H.shape[1]:
+            raise ValueError(f"H must be a square [in, in] matrix, got shape {tuple(H.shape)}")
+        if H.shape[0] != W.shape[1]:
+            raise ValueError(f"H is {tuple(H.shape)} but W has {W.shape[1]} input columns: "
+                             f"H must be [{W.shape[1]}, {W.shape[1]}], accumulated from this layer's inputs")
+    if group_size is None:
+        return
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int or None (per channel), got {group_size!r}")
+    if W.shape[1] % group_size and not allow_partial_group:
+        divisors = [g for g in (16, 32, 64, 128, 256) if W.shape[1] % g == 0]
+        raise ValueError(
+            f"group_size={group_size} does not divide the {W.shape[1]} input columns of W: choose a divisor "
+            f"(e.g. {divisors}) or pass allow_partial_group=True to accept a shorter last group, as the "
+            "reference code silently does")
+
+
+def _group_params(W: torch.Tensor, n_bits: int, symmetric: bool, group_size: int | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every group's ``(scale, zero_point)`` ``[out, n_groups]`` from ``W`` in its current column order."""
+    if group_size is None:
+        qp = gptq_qparams(W, n_bits, symmetric=symmetric)
+        return qp.scale, qp.zero_point
+    full = W.shape[1] - W.shape[1] % group_size
+    parts = []
+    if full:
+        parts.append(gptq_qparams(W[:, :full], n_bits, symmetric=symmetric, granularity=PerGroup(group_size)))
+    if full < W.shape[1]:  # a shorter last group (allow_partial_group=True)
+        parts.append(gptq_qparams(W[:, full:], n_bits, symmetric=symmetric))
+    return torch.cat([p.scale for p in parts], 1), torch.cat([p.zero_point for p in parts], 1)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run GPTQ's linear algebra on one intra-op thread, then restore the setting.
+
+    Its per-column operations touch a few thousand numbers: too small to gain from threads. On a
+    busy 2-core machine two threads made them, and LAPACK's Cholesky inverse, 10-50x slower.
+    """
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + damp·mean(diag H)·I)⁻¹`` (``H`` is not modified)."""
+    H = H.clone()
+    H.diagonal().add_(damp * H.diagonal().mean())
+    try:
+        L = torch.linalg.cholesky(H)
+        return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    except torch.linalg.LinAlgError as e:
+        raise ValueError(
+            f"H is not positive definite even after damping with damp={damp}: collect more calibration "
+            "tokens than input features, or increase damp (e.g. 0.1)") from e
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    n_bits: int,
+    *,
+    group_size: int | None = None,
+    symmetric: bool = False,
+    act_order: bool = False,
+    static_groups: bool = False,
+    damp: float = DAMP,
+    block_size: int = BLOCK_SIZE,
+    allow_partial_group: bool = False,
+) -> GPTQResult:
+    """Quantize ``W`` with GPTQ (Algorithm 1 of the paper, as the reference's ``fasterquant``).
+
+    Args:
+        W: float ``[out, in]``; not modified. Computation runs in float32 (float64 if ``W`` or ``H`` is).
+        H: float ``[in, in]``, ``2 XᵀX / N`` from :func:`accumulate_hessian`; not modified.
+        n_bits: 2..8.
+        group_size: columns sharing a scale (``None``: one per output row). Must divide ``in`` unless
+            ``allow_partial_group=True``.
+        symmetric: the reference's symmetric grid (see :func:`gptq_qparams`); asymmetric by default.
+        act_order: quantize columns in descending order of ``diag(H)`` (the reference's ``--act-order``).
+        static_groups: fix every group's parameters up front, in the original column order
+            (``--static-groups``); needs ``group_size``.
+        damp: fraction of ``mean(diag(H))`` added to the diagonal (``percdamp``).
+        block_size: columns per lazy batch.
+        allow_partial_group: accept a shorter last group when ``group_size`` does not divide ``in``.
+
+    Returns:
+        :class:`GPTQResult`; ``.weight`` has ``W``'s shape and dtype.
+    """
+    _check_layer(W, H, n_bits, group_size, allow_partial_group)
+    if static_groups and group_size is None:
+        raise ValueError("static_groups=True needs a group_size: per-channel parameters are already static")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if not damp >= 0:
+        raise ValueError(f"damp must be >= 0 (a fraction of mean(diag(H)), default 0.01), got {damp!r}")
+    dtype = torch.float64 if torch.float64 in (W.dtype, H.dtype) else torch.float32
+    n_cols, maxq = W.shape[1], 2**n_bits - 1
+    g = group_size or n_cols
+    Wq = W.detach().to(dtype).clone()
+    H = H.detach().to(dtype).clone()
+    if group_size is None:  # per-channel parameters come from W before dead columns are zeroed
+        scale, zero = _group_params(Wq, n_bits, symmetric, None)
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    Wq[:, dead] = 0
+    if static_groups:
+        scale, zero = _group_params(Wq, n_bits, symmetric, group_size)
+    perm = torch.argsort(H.diagonal(), descending=True) if act_order else None
+    if perm is not None:
+        Wq, H = Wq[:, perm], H[perm][:, perm]
+    dynamic = group_size is not None and not static_groups
+    n_groups = -(-n_cols // g)
+    # Work on transposed copies: column i of W is the contiguous row i of Wt, so the per-column
+    # updates touch contiguous memory (several times faster on CPU than strided columns).
+    Wt = Wq.T.contiguous()  # [in, out], quantization order
+    scale_t = torch.empty(n_groups, W.shape[0], dtype=dtype, device=W.device)  # [n_groups, out]
+    zero_t = torch.empty_like(scale_t)
+    if not dynamic:
+        scale_t[:], zero_t[:] = scale.T, zero.T
+    col_group = torch.arange(n_cols, device=W.device) // g  # the group of each column, in quantization order
+    if static_groups and perm is not None:
+        col_group = perm // g
+    col_group = col_group.tolist()
+    codes_t = torch.empty_like(Wt)
+    losses = torch.zeros(n_cols, dtype=dtype, device=W.device)
+    with _one_thread():
+        U = _inverse_hessian_factor(H, damp)
+        for i1 in range(0, n_cols, block_size):
+            i2 = min(i1 + block_size, n_cols)
+            W1, U1 = Wt[i1:i2].clone(), U[i1:i2, i1:i2]
+            Err1 = torch.empty_like(W1)  # [block, out]
+            for i in range(i2 - i1):
+                col = i1 + i
+                if dynamic and col % g == 0:  # a group begins: fix its parameters now, from Wt (not W1)
+                    s, z = _group_params(Wt[col:col + g].T, n_bits, symmetric, None)
+                    scale_t[col // g], zero_t[col // g] = s[:, 0], z[:, 0]
+                s, z, w = scale_t[col_group[col]], zero_t[col_group[col]], W1[i]
+                q = torch.clamp(torch.round(w / s) + z, 0, maxq)  # primitives.quantize, inlined per column
+                codes_t[col] = q
+                err = (w - s * (q - z)) / U1[i, i]
+                losses[col] = err.square().sum() / 2
+                W1[i:].addr_(U1[i, i:], err, alpha=-1)  # OBS update of the block's remaining columns
+                Err1[i] = err
+            Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)  # the lazy update of every later column
+    scale, zero = scale_t.T.float().contiguous(), zero_t.T.to(torch.int32).contiguous()
+    codes = codes_t.T
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    g_idx = torch.arange(n_cols, device=W.device) // g
+    if dynamic and perm is not None:
+        g_idx = torch.empty_like(g_idx).scatter_(0, perm, g_idx)  # column perm[j] is in group j // g
+    codes = codes.to(torch.uint8).contiguous()
+    weight = dequantize_codes(codes, scale, zero, g_idx, W.dtype)
+    return GPTQResult(weight, codes, scale, zero, g_idx, perm, losses.sum().item(), n_bits, group_size, symmetric)
+
+
+def rtn_quantize(W: torch.Tensor, n_bits: int, *, group_size: int | None = None, symmetric: bool = False,
+                 allow_partial_group: bool = False) -> GPTQResult:
+    """Round-to-nearest on the same grid as GPTQ: the baseline every table compares with.
+
+    Equal to :func:`gptq_quantize` with ``H = I`` (no correlations, nothing to compensate).
+
+    Args:
+        W: float ``[out, in]``; not modified.
+        n_bits, group_size, symmetric, allow_partial_group: as :func:`gptq_quantize`.
+
+    Returns:
+        :class:`GPTQResult` with ``loss=None`` and ``perm=None``.
+    """
+    _check_layer(W, None, n_bits, group_size, allow_partial_group)
+    scale, zero = _group_params(W.detach(), n_bits, symmetric, group_size)
+    g_idx = torch.arange(W.shape[1], device=W.device) // (group_size or W.shape[1])
+    s, z = scale[:, g_idx], zero[:, g_idx].float()
+    codes = torch.clamp(torch.round(W.detach().float() / s) + z, 0, 2**n_bits - 1).to(torch.uint8)
+    weight = dequantize_codes(codes, scale, zero, g_idx, W.dtype)
+    return GPTQResult(weight, codes, scale, zero, g_idx, None, None, n_bits, group_size, symmetric)
+
+
+def hessian_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """The layer-output error GPTQ minimises: ``tr((W - Ŵ) H (W - Ŵ)ᵀ)`` (float64).
+
+    With ``H = 2XᵀX/N`` this is ``2/N ||X Wᵀ - X Ŵᵀ||²``: twice the mean squared output error per token.
+    """
+    check_float_tensor(W_hat, "W_hat")
+    _check_layer(W, H, MIN_BITS, None, False)
+    if W_hat.shape != W.shape:
+        raise ValueError(f"W_hat has shape {tuple(W_hat.shape)}, W has {tuple(W.shape)}: they must match")
+    D = W.double() - W_hat.double()
+    return torch.einsum("oi,ij,oj->", D, H.double(), D).item()
+
+
+class HessianCollector:
+    """Accumulates one Hessian per linear layer from the pipeline's ``collect(name, linear, X)`` calls.
+
+    Linear layers that the pipeline feeds the very same ``X`` object (q/k/v, gate/up) share one
+    Hessian, computed once. :meth:`take` hands a layer's Hessian over and forgets it.
+    """
+
+    def __init__(self) -> None:
+        self._H: dict[str, torch.Tensor] = {}
+        self._n: dict[str, int] = {}
+        self._owner: dict[str, str] = {}
+        self._last: tuple[torch.Tensor | None, str] = (None, "")
+
+    def __call__(self, name: str, linear: nn.Linear, X: torch.Tensor) -> None:
+        last_X, last_owner = self._last
+        if name not in self._owner:
+            self._owner[name] = last_owner if X is last_X else name
+        owner = self._owner[name]
+        if owner == name:
+            self._H[name], self._n[name] = accumulate_hessian(self._H.get(name), self._n.get(name, 0), X)
+        self._last = (X, owner)
+
+    def take(self, name: str) -> torch.Tensor:
+        """The Hessian of layer ``name``; freed once every layer sharing it has taken it."""
+        owner = self._owner.pop(name)
+        H = self._H[owner]
+        if owner not in self._owner.values():
+            del self._H[owner], self._n[owner]
+        self._last = (None, "")
+        return H
+
+
+def quantize_model(
+    model: nn.Module,
+    calibration: torch.Tensor | None,
+    *,
+    n_bits: int = 4,
+    group_size: int | None = 64,
+    symmetric: bool = False,
+    method: Literal["gptq", "rtn"] = "gptq",
+    act_order: bool = False,
+    static_groups: bool = False,
+    damp: float = DAMP,
+    block_size: int = BLOCK_SIZE,
+    batch_size: int = 8,
+    progress: bool = True,
+):
+    """Quantize every linear layer of the decoder blocks, in place, block by block.
+
+    GPTQ runs through :func:`quantcourse.pipeline.run_blockwise`: each block's Hessians come from the
+    outputs of the already-quantized blocks before it. ``method="rtn"`` needs no data (``calibration``
+    may be ``None``) and rounds every weight to nearest on the same grid. The embeddings and the
+    output head stay in float.
+
+    Args:
+        model: a Llama-, OPT- or GPT-2-style causal LM (modified in place).
+        calibration: int64 ``[n_samples, seq_len]`` token ids, e.g. :func:`quantcourse.data.calibration_samples`.
+        n_bits, group_size, symmetric, act_order, static_groups, damp, block_size: see :func:`gptq_quantize`.
+            The default ``group_size=64`` divides every width of the course model (128 does not divide 576).
+        method: ``"gptq"`` or ``"rtn"``.
+        batch_size: calibration sequences per forward pass.
+        progress: a tqdm bar over the blocks.
+
+    Returns:
+        :class:`quantcourse.serialization.QuantizedModel` (the model, every layer's codes and parameters,
+        timings), ready for :func:`quantcourse.serialization.save_quantized`.
+    """
+    from .pipeline import run_blockwise
+    from .serialization import QuantizedModel
+
+    if method not in ("gptq", "rtn"):
+        raise ValueError(f"method must be 'gptq' or 'rtn', got {method!r}")
+    results: dict[str, GPTQResult] = {}
+    seconds: dict[str, float] = {}
+    hessians = HessianCollector()
+
+    def quantize_linear(name: str, linear: nn.Linear) -> None:
+        start = time.perf_counter()
+        if method == "gptq":
+            result = gptq_quantize(linear.weight, hessians.take(name), n_bits, group_size=group_size,
+                                   symmetric=symmetric, act_order=act_order, static_groups=static_groups,
+                                   damp=damp, block_size=block_size)
+        else:
+            result = rtn_quantize(linear.weight, n_bits, group_size=group_size, symmetric=symmetric)
+        seconds[name] = time.perf_counter() - start
+        linear.weight = nn.Parameter(result.weight, requires_grad=False)
+        results[name] = result
+
+    start = time.perf_counter()
+    collect: Callable | None = hessians if method == "gptq" else None
+    run_blockwise(model, calibration, collect=collect, quantize_linear=quantize_linear,
+                  batch_size=batch_size, progress=progress, desc=f"{method} {n_bits}-bit")
+    config = dict(method=method, n_bits=n_bits, group_size=group_size, symmetric=symmetric, act_order=act_order,
+                  static_groups=static_groups, damp=damp, block_size=block_size)
+    return QuantizedModel(model, results, config, time.perf_counter() - start, seconds)

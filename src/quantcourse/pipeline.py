@@ -1,0 +1,218 @@
+"""The layer-by-layer post-training quantization pipeline: one decoder block at a time.
+
+Chapter 6 teaches it with GPTQ; AWQ, SmoothQuant and the GGUF importance matrix reuse it. It never
+names a model family: it finds blocks and linear layers through :mod:`quantcourse.surgery`, so it
+runs on Llama-style (Llama, SmolLM2, Mistral, Qwen2), OPT and GPT-2 causal LMs.
+
+::
+
+    capture     run the model on the calibration batches up to the first decoder block and record
+                what that block receives: the hidden states [batch, seq, hidden] and the keyword
+                arguments (attention mask, position ids, the rotary (cos, sin) position embeddings,
+                use_cache=False); a forward pre-hook records them and stops the forward pass
+    for each block i, in order (tqdm bar over the blocks):
+      collect   run block i on its inputs with hooks on its linear layers:
+                collect(name, linear, X [tokens, in]) for every linear and batch
+      transform transform_block(ctx): change the block (smoothing, scaling); it may run the block,
+                or collect again, through ctx
+      quantize  quantize_linear(name, linear) for each linear of the block, in definition order
+      propagate run the processed block on the same inputs: its outputs are block i+1's inputs
+
+Order inside a block: every linear layer is quantized from statistics of the block's **float**
+inputs gathered in one pass (the reference's default; its ``--true-sequential`` option, which re-runs
+the block after each of [q,k,v] → [o] → [up,gate] → [down], is not implemented). Across blocks the
+pipeline is sequential: block i+1 sees the outputs of the already-quantized block i, as in the
+reference's ``llama_sequential``. Only one block's activations are held at a time (its inputs and
+its outputs). A pipeline with neither ``collect`` nor ``transform_block`` (round-to-nearest) needs
+no data and runs no forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import surgery
+
+__all__ = ["BlockContext", "capture_block_inputs", "run_blockwise", "LinearInputFn", "QuantizeLinearFn"]
+
+LinearInputFn = Callable[[str, nn.Linear, torch.Tensor], None]  # (name, linear, X [tokens, in])
+QuantizeLinearFn = Callable[[str, nn.Linear], None]  # (name, linear): replace linear.weight, in place
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the first block's inputs are recorded."""
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass(frozen=True)
+class BlockContext:
+    """One decoder block and the calibration inputs it sees, handed to ``transform_block``.
+
+    Attributes:
+        index: position of the block (0 = first).
+        name: qualified name of the block in the model, e.g. ``"model.layers.3"``.
+        block: the module itself (modify it in place).
+        inputs: hidden-state batches ``[batch, seq, hidden]``: what the block receives.
+        args: per batch, the positional arguments after the hidden states.
+        kwargs: per batch, the keyword arguments (attention mask, position embeddings, ...).
+    """
+
+    index: int
+    name: str
+    block: nn.Module
+    inputs: list[torch.Tensor]
+    args: list[tuple]
+    kwargs: list[dict]
+
+    def linears(self) -> dict[str, nn.Linear]:
+        """The block's linear layers by qualified name, in definition order."""
+        return surgery.find_linears(self.block, prefix=f"{self.name}.")
+
+    @torch.no_grad()
+    def run(self, inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The block's outputs on ``inputs`` (default: its calibration inputs), one tensor per batch."""
+        inputs = self.inputs if inputs is None else inputs
+        return [_block_output(self.block(x, *a, **k)) for x, a, k in zip(inputs, self.args, self.kwargs)]
+
+    @torch.no_grad()
+    def collect(self, fn: LinearInputFn, *, names: Callable[[str], bool] = lambda name: True) -> None:
+        """Run the block on its inputs and call ``fn(name, linear, X)`` with each linear's input.
+
+        ``X`` is ``[tokens, in]`` (batch and sequence flattened), one call per linear and batch, in
+        execution order. Linears fed the same tensor (q/k/v, gate/up) receive the very same ``X``
+        object, so a collector can do shared work once (``X is previous_X``).
+        """
+        last: list = [None, None]  # (input tensor, its [tokens, in] view) of the latest call
+
+        def hook(name: str) -> Callable:
+            def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+                x = args[0]
+                if x is not last[0]:
+                    last[:] = [x, x.reshape(-1, x.shape[-1])]
+                fn(name, module, last[1])
+            return record
+
+        handles = [linear.register_forward_hook(hook(name))
+                   for name, linear in self.linears().items() if names(name)]
+        try:
+            self.run()
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _check_calibration(calibration: torch.Tensor, batch_size: int) -> None:
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.is_floating_point():
+        raise ValueError("calibration must be an int64 tensor of token ids [n_samples, seq_len], e.g. "
+                         "quantcourse.data.calibration_samples(tokenizer, 32, 512); got "
+                         f"{getattr(calibration, 'shape', type(calibration).__name__)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, calibration: torch.Tensor, *, batch_size: int = 8
+                         ) -> tuple[list[torch.Tensor], list[tuple], list[dict]]:
+    """What the first decoder block receives on each calibration batch.
+
+    Args:
+        model: a causal LM (see the module docstring).
+        calibration: int64 ``[n_samples, seq_len]`` token ids.
+        batch_size: sequences per forward pass.
+
+    Returns:
+        ``(inputs, args, kwargs)``: per batch, the hidden states ``[batch, seq, hidden]``, the other
+        positional arguments and the keyword arguments of the block's ``forward``.
+    """
+    _check_calibration(calibration, batch_size)
+    first = surgery.decoder_blocks(model)[0]
+    device = next(model.parameters()).device
+    inputs, args, kwargs = [], [], []
+
+    def record(module: nn.Module, a: tuple, k: dict) -> None:
+        k = dict(k)
+        inputs.append(a[0] if a else k.pop("hidden_states"))
+        args.append(tuple(a[1:]))
+        kwargs.append(k)
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        for batch in calibration.split(batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return inputs, args, kwargs
+
+
+def _qualified_names(model: nn.Module, blocks: nn.ModuleList) -> list[str]:
+    names = {id(module): name for name, module in model.named_modules()}
+    return [names[id(block)] for block in blocks]
+
+
+@torch.no_grad()
+def run_blockwise(
+    model: nn.Module,
+    calibration: torch.Tensor | None,
+    *,
+    collect: LinearInputFn | None = None,
+    transform_block: Callable[[BlockContext], None] | None = None,
+    quantize_linear: QuantizeLinearFn | None = None,
+    linear_filter: Callable[[str], bool] = lambda name: True,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "blocks",
+) -> None:
+    """Process the decoder blocks of ``model`` in order, each on the outputs of the processed blocks before it.
+
+    Per block: ``collect`` statistics of each linear's inputs (one pass of the float block), then
+    ``transform_block(ctx)``, then ``quantize_linear(name, linear)`` for every selected linear, then the
+    block's new outputs become the next block's inputs. GPT-2's ``Conv1D`` layers are turned into
+    ``nn.Linear`` first (:func:`quantcourse.surgery.as_plain_linears`), so callbacks always see ``[out, in]``.
+
+    Args:
+        model: a Llama-, OPT- or GPT-2-style causal LM; modified in place by the callbacks.
+        calibration: int64 ``[n_samples, seq_len]`` token ids; may be ``None`` when neither ``collect``
+            nor ``transform_block`` is given (nothing then needs data).
+        collect: ``collect(name, linear, X [tokens, in])``, called for each linear and batch.
+        transform_block: ``transform_block(ctx: BlockContext)``, after ``collect``.
+        quantize_linear: ``quantize_linear(name, linear)``, after ``transform_block``.
+        linear_filter: which linears (by qualified name) ``collect`` and ``quantize_linear`` see.
+        batch_size: calibration sequences per forward pass.
+        progress: show a tqdm bar over the blocks.
+        desc: the bar's label.
+    """
+    model = surgery.as_plain_linears(model)
+    blocks = surgery.decoder_blocks(model)
+    names = _qualified_names(model, blocks)
+    needs_data = collect is not None or transform_block is not None
+    if needs_data:
+        if calibration is None:
+            raise ValueError("this pipeline collects statistics or transforms blocks, so it needs calibration "
+                             "token ids [n_samples, seq_len]; only round-to-nearest can run without")
+        inputs, args, kwargs = capture_block_inputs(model, calibration, batch_size=batch_size)
+    else:
+        inputs, args, kwargs = [], [], []
+    for index in tqdm(range(len(blocks)), desc=desc, disable=not progress):
+        ctx = BlockContext(index, names[index], blocks[index], inputs, args, kwargs)
+        if collect is not None:
+            ctx.collect(collect, names=linear_filter)
+        if transform_block is not None:
+            transform_block(ctx)
+        if quantize_linear is not None:
+            for name, linear in ctx.linears().items():
+                if linear_filter(name):
+                    quantize_linear(name, linear)
+        if needs_data and index + 1 < len(blocks):
+            inputs = ctx.run()  # the processed block's outputs feed the next block

@@ -1,0 +1,147 @@
+"""The layer-by-layer PTQ pipeline on tiny random-init Llama, OPT and GPT-2 models."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig
+from transformers.utils import logging as hf_logging
+
+from quantcourse import gptq, pipeline, surgery
+
+hf_logging.set_verbosity_error()
+
+CONFIGS = {
+    "llama": lambda: LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+    "opt": lambda: OPTConfig(vocab_size=96, hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
+                             max_position_embeddings=64, word_embed_proj_dim=64),
+    "gpt2": lambda: GPT2Config(vocab_size=96, n_embd=64, n_layer=3, n_head=4, n_positions=64,
+                               bos_token_id=0, eos_token_id=0),
+}
+
+
+def tiny(kind):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(CONFIGS[kind]()).eval().requires_grad_(False)
+
+
+def calib(n=6, seq=24):
+    return torch.randint(0, 96, (n, seq), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_blocks_see_the_model_hidden_states_when_nothing_changes(kind):
+    model = tiny(kind)
+    seen = []
+    pipeline.run_blockwise(model, calib(), transform_block=lambda ctx: seen.append(torch.cat(ctx.inputs)),
+                           batch_size=4, progress=False)
+    with torch.no_grad():
+        hidden = model(calib(), output_hidden_states=True).hidden_states
+    assert len(seen) == 3
+    for i, x in enumerate(seen):
+        assert torch.allclose(x, hidden[i], atol=1e-5), i
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_collect_sees_every_linear_with_tokens_by_features(kind):
+    model = tiny(kind)
+    calls = {}
+
+    def collect(name, linear, X):
+        assert X.shape == (X.shape[0], linear.in_features)
+        calls[name] = calls.get(name, 0) + X.shape[0]
+
+    pipeline.run_blockwise(model, calib(), collect=collect, batch_size=4, progress=False)
+    assert set(calls) == set(surgery.find_linears(model))  # lm_head excluded, GPT-2's Conv1D converted
+    assert set(calls.values()) == {6 * 24}
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_next_block_sees_the_quantized_block(kind):
+    """The inputs collected for block i+1 equal those of the final, fully quantized model."""
+    model = tiny(kind)
+    first_linear_inputs = {}
+
+    def collect(name, linear, X):
+        first_linear_inputs.setdefault(name, []).append(X.clone())
+
+    def rtn(name, linear):
+        linear.weight = torch.nn.Parameter(gptq.rtn_quantize(linear.weight, 3).weight, requires_grad=False)
+
+    pipeline.run_blockwise(model, calib(), collect=collect, quantize_linear=rtn, batch_size=3, progress=False)
+    for name in first_linear_names(model):
+        linear = surgery.get_module(model, name)
+        got = []
+        h = linear.register_forward_hook(lambda m, a, o: got.append(a[0].reshape(-1, a[0].shape[-1])))
+        with torch.no_grad():
+            model(calib()[:3])
+            model(calib()[3:])
+        h.remove()
+        assert torch.allclose(torch.cat(got), torch.cat(first_linear_inputs[name]), atol=1e-5), name
+    # and it matters: the last block's inputs differ from the float model's
+    assert not torch.allclose(torch.cat(first_linear_inputs[name]),
+                                  _float_inputs(kind, name), atol=1e-4)
+
+
+def first_linear_names(model):
+    names = {id(module): name for name, module in model.named_modules()}
+    return [f"{names[id(b)]}.{next(iter(surgery.find_linears(b)))}" for b in surgery.decoder_blocks(model)]
+
+
+def _float_inputs(kind, name):
+    model = surgery.as_plain_linears(tiny(kind))
+    got = []
+    h = surgery.get_module(model, name).register_forward_hook(lambda m, a, o: got.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(calib())
+    h.remove()
+    return torch.cat(got)
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_quantize_model_gptq_beats_rtn_on_tiny_models(kind):
+    x = calib(8, 32)
+    with torch.no_grad():
+        reference = tiny(kind)(x).logits
+    errors = {}
+    for method in ("rtn", "gptq"):
+        model = tiny(kind)
+        result = gptq.quantize_model(model, x, n_bits=3, group_size=32, method=method, batch_size=4, progress=False)
+        assert len(result.layers) == len(surgery.find_linears(model))
+        with torch.no_grad():
+            errors[method] = (model(x).logits - reference).pow(2).mean().item()
+    assert errors["gptq"] < errors["rtn"]
+
+
+def test_rtn_needs_no_data_and_runs_no_forward():
+    model = tiny("llama")
+    model.forward = None  # any forward pass would fail
+    result = gptq.quantize_model(model, None, n_bits=4, group_size=32, method="rtn", progress=False)
+    assert len(result.layers) == 3 * 7
+
+
+def test_capture_records_hidden_states_and_keyword_arguments():
+    model = tiny("llama")
+    inputs, args, kwargs = pipeline.capture_block_inputs(model, calib(5, 16), batch_size=2)
+    assert [x.shape[0] for x in inputs] == [2, 2, 1]
+    assert torch.allclose(torch.cat(inputs), model.model.embed_tokens(calib(5, 16)))
+    assert "position_embeddings" in kwargs[0] and kwargs[0]["use_cache"] is False
+
+
+def test_error_no_calibration_when_data_is_needed():
+    with pytest.raises(ValueError, match="needs calibration"):
+        pipeline.run_blockwise(tiny("llama"), None, collect=lambda *a: None, progress=False)
+
+
+def test_error_calibration_not_token_ids():
+    with pytest.raises(ValueError, match="token ids"):
+        pipeline.run_blockwise(tiny("llama"), torch.randn(4, 16), collect=lambda *a: None, progress=False)
+
+
+def test_error_bad_batch_size():
+    with pytest.raises(ValueError, match="batch_size"):
+        pipeline.capture_block_inputs(tiny("llama"), calib(), batch_size=0)
+
+
+def test_error_model_without_decoder_blocks():
+    with pytest.raises(ValueError, match="cannot find the decoder blocks"):
+        pipeline.run_blockwise(torch.nn.Sequential(torch.nn.Linear(2, 2)), calib(), collect=lambda *a: None)
