@@ -1,11 +1,17 @@
 """The course text: calibration and held-out evaluation tokens.
 
 Offline (the default) the text is Python's own documentation, ``pydoc_data.topics``: it ships
-with every CPython, so every reader gets the same ~113k tokens. Its topics are joined in name
-order and cut at paragraph breaks into chunks of about 4,000 characters; every fifth chunk is
-held out for evaluation. Both parts then span the whole documentation, hold 80/20 of the text
-(a few topics are huge, so splitting by topic would not), and the split never changes. Online, ``dataset="wikitext2"`` gives WikiText-2 (train for
-calibration, test for evaluation) through the ``datasets`` package, as the papers use.
+with every CPython, so every reader with the same Python minor version gets the same text
+(~110k tokens on Python 3.11; other versions ship slightly different documentation, so their
+numbers differ a little). Its topics are joined in name order, each paragraph kept once (many
+topics repeat whole sections of others, e.g. the ``def`` grammar appears under several topics,
+and without this a fifth of the held-out text would also be in the calibration text), and cut
+at paragraph breaks into chunks of about 4,000 characters; every fifth chunk is held out for
+evaluation. Both parts then span the whole documentation, hold 80/20 of the text (a few topics
+are huge, so splitting by topic would not), share no paragraph, and the split never changes.
+
+Online, ``dataset="wikitext2"`` gives WikiText-2 (train for calibration, test for evaluation)
+through the ``datasets`` package, as the papers use.
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ def _pydoc_topics() -> tuple[tuple[str, str], ...]:
     return tuple(sorted(topics.items()))
 
 
+@lru_cache(maxsize=None)
 def course_text() -> str:
-    """All of ``pydoc_data.topics``, topics in name order, separated by blank lines."""
-    return "\n\n".join(body for _, body in _pydoc_topics())
+    """All of ``pydoc_data.topics``, topics in name order, each paragraph once, separated by blank lines."""
+    paragraphs = (p.strip("\n") for _, body in _pydoc_topics() for p in body.split("\n\n"))
+    return "\n\n".join(dict.fromkeys(p for p in paragraphs if p.strip()))  # dict keeps first occurrences in order
 
 
 def _chunks(text: str) -> list[str]:
@@ -82,12 +90,16 @@ _TOKEN_CACHE: dict[tuple[str, str, str], torch.Tensor] = {}
 
 
 def token_stream(tokenizer, split: Split = "calibration", dataset: str = "pydoc") -> torch.Tensor:
-    """The whole split tokenized once (cached per process): int64 tensor ``[n_tokens]``."""
+    """The whole split tokenized once (cached per process): int64 tensor ``[n_tokens]``.
+
+    Every call returns a fresh copy, so a caller that modifies it cannot corrupt the cache.
+    """
     key = (_tokenizer_key(tokenizer), split, dataset)
     if key not in _TOKEN_CACHE:
-        ids = tokenizer(load_text(split, dataset), return_tensors="pt", add_special_tokens=False).input_ids[0]
-        _TOKEN_CACHE[key] = ids
-    return _TOKEN_CACHE[key]
+        text = load_text(split, dataset)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+        _TOKEN_CACHE[key] = ids.long()
+    return _TOKEN_CACHE[key].clone()
 
 
 def calibration_samples(
@@ -98,14 +110,16 @@ def calibration_samples(
     Returns:
         int64 tensor ``[n_samples, seq_len]``; the same seed gives the same windows.
     """
-    if n_samples < 1 or seq_len < 1:
-        raise ValueError(f"n_samples and seq_len must be positive, got {n_samples} and {seq_len}")
+    for name, value in (("n_samples", n_samples), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     ids = token_stream(tokenizer, "calibration", dataset)
     if len(ids) <= seq_len:
-        raise ValueError(f"the calibration text has {len(ids)} tokens, fewer than seq_len={seq_len}")
+        raise ValueError(f"the calibration text has {len(ids)} tokens, not more than seq_len={seq_len}; "
+                         "use a shorter seq_len")
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(ids) - seq_len, (n_samples,), generator=gen)
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+    starts = torch.randint(0, len(ids) - seq_len, (n_samples,), generator=gen)  # [n_samples]
+    return ids[starts[:, None] + torch.arange(seq_len)]  # [n_samples, seq_len]
 
 
 def eval_tokens(tokenizer, dataset: str = "pydoc") -> torch.Tensor:

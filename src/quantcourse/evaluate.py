@@ -36,24 +36,40 @@ def perplexity(
         batch_size: windows per forward pass.
         progress: show a tqdm bar.
     """
-    if tokens.dim() != 1 or tokens.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"tokens must be a 1-D integer tensor, got shape {tuple(tokens.shape)} and dtype {tokens.dtype}")
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"tokens must be a 1-D integer tensor such as data.eval_tokens(tokenizer), got "
+                         f"{_describe(tokens)}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an int >= 2 (a window needs a next token to predict), got {seq_len!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     available = len(tokens) // seq_len
     n = available if n_windows is None else n_windows
     if n < 1 or n > available:
         raise ValueError(f"{len(tokens)} tokens hold {available} windows of {seq_len}; asked for {n_windows}")
     device = next(model.parameters()).device
-    windows = tokens[: n * seq_len].reshape(n, seq_len).long()
+    windows = tokens[: n * seq_len].reshape(n, seq_len).long()  # [n, seq_len]
     total_nll, total_count = 0.0, 0
-    for start in tqdm(range(0, n, batch_size), desc="perplexity", disable=not progress, leave=False):
-        batch = windows[start : start + batch_size].to(device)
-        logits = model(batch).logits.float()
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total_nll += nll.item()
-        total_count += batch[:, 1:].numel()
+    was_training = model.training
+    model.eval()  # no dropout while scoring; the mode is restored below
+    try:
+        for start in tqdm(range(0, n, batch_size), desc="perplexity", disable=not progress, leave=False):
+            batch = windows[start : start + batch_size].to(device)  # [b, seq_len]
+            logits = model(batch, use_cache=False).logits.float()  # [b, seq_len, vocab]
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+            )
+            total_nll += nll.item()
+            total_count += batch[:, 1:].numel()
+    finally:
+        model.train(was_training)
     return math.exp(total_nll / total_count)
+
+
+def _describe(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"shape {tuple(t.shape)} and dtype {t.dtype}"
+    return type(t).__name__
 
 
 def _check_pair(x: torch.Tensor, x_hat: torch.Tensor) -> None:

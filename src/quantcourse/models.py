@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -67,7 +68,10 @@ def _load_course() -> tuple[torch.nn.Module, object]:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     _save_plain(model, tokenizer, tmp)
-    tmp.replace(target) if not target.exists() else None  # another process may have won the race
+    try:
+        tmp.replace(target)  # atomic: readers never see a half-written folder
+    except OSError:  # another process converted it first; its copy is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
     return model, tokenizer
 
 
@@ -99,6 +103,9 @@ def load_model(name: str = COURSE_MODEL, *, device: str | torch.device = "cpu") 
     Returns:
         ``(model, tokenizer)``. The model is a fresh copy: modify it freely.
     """
+    if not isinstance(name, (str, os.PathLike)):
+        raise TypeError(f"name must be 'course' or a Hub id / local folder, got {type(name).__name__}")
+    name = str(name)
     if name not in _LOADED:
         model, tokenizer = _load_course() if name == COURSE_MODEL else _load_hub(name)
         model.eval().requires_grad_(False)

@@ -18,8 +18,9 @@ __all__ = [
     "as_plain_linears", "linear_weight_matrices",
 ]
 
-# (path to the ModuleList of decoder blocks) for each supported layout, tried in order.
-_BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h")
+# (path to the ModuleList of decoder blocks) for each supported layout, tried in order: causal LMs
+# (Llama-style, OPT, GPT-2), then the same families' base models without an LM head.
+_BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "layers", "decoder.layers", "h")
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:
@@ -62,11 +63,11 @@ def as_plain_linears(model: nn.Module) -> nn.Module:
         return model
     for name, module in list(model.named_modules()):
         if isinstance(module, Conv1D):
-            linear = nn.Linear(module.weight.shape[0], module.weight.shape[1], device=module.weight.device,
-                               dtype=module.weight.dtype)
-            with torch.no_grad():
-                linear.weight.copy_(module.weight.T)
-                linear.bias.copy_(module.bias)
+            in_features, out_features = module.weight.shape
+            linear = nn.Linear(in_features, out_features, device="meta")  # no wasted random init
+            linear.weight = nn.Parameter(module.weight.detach().T.contiguous(),
+                                         requires_grad=module.weight.requires_grad)
+            linear.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
             set_module(model, name, linear)
     return model
 

@@ -1,0 +1,140 @@
+"""quantcourse.evaluate: perplexity against a direct computation, SQNR, relative and layer errors."""
+
+import math
+import sys
+
+import pytest
+import torch
+
+from quantcourse import evaluate
+from tiny_models import VOCAB, tiny_llama, tiny_opt
+
+
+def _direct_perplexity(model, tokens, seq_len, n_windows):
+    """exp(mean NLL), one window at a time, from log_softmax and gather."""
+    nlls = []
+    for i in range(n_windows):
+        window = tokens[i * seq_len : (i + 1) * seq_len]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(window[None]).logits[0].double(), dim=-1)  # [seq_len, vocab]
+        nlls.append(-logp[:-1].gather(1, window[1:, None]).squeeze(1))
+    return math.exp(torch.cat(nlls).mean().item())
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama()
+
+
+def _tokens(n, seed=0):
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def test_perplexity_equals_direct_computation(llama):
+    tokens = _tokens(5 * 16 + 7)
+    ppl = evaluate.perplexity(llama, tokens, seq_len=16, n_windows=5, batch_size=2)
+    assert ppl == pytest.approx(_direct_perplexity(llama, tokens, 16, 5), rel=1e-5)
+    # a random model is about as good as a uniform guess over the vocabulary
+    assert 0.5 * VOCAB < ppl < 2 * VOCAB
+
+
+def test_perplexity_all_windows_and_batch_size_invariance(llama):
+    tokens = _tokens(4 * 16 + 3)
+    all_windows = evaluate.perplexity(llama, tokens, seq_len=16, n_windows=None, batch_size=3)
+    assert all_windows == pytest.approx(evaluate.perplexity(llama, tokens, seq_len=16, n_windows=4, batch_size=1),
+                                        rel=1e-6)
+    assert all_windows == pytest.approx(_direct_perplexity(llama, tokens, 16, 4), rel=1e-5)
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every logit 0: a uniform distribution
+    assert evaluate.perplexity(model, _tokens(64), seq_len=16, n_windows=4) == pytest.approx(VOCAB, rel=1e-6)
+
+
+def test_perplexity_uses_eval_mode_and_restores_it():
+    model = tiny_opt()  # OPT has dropout
+    model.config.dropout = 0.5
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    model.train()
+    tokens = _tokens(64)
+    a = evaluate.perplexity(model, tokens, seq_len=16, n_windows=4)
+    b = evaluate.perplexity(model, tokens, seq_len=16, n_windows=4)
+    assert a == b and model.training
+
+
+def test_perplexity_too_many_windows(llama):
+    with pytest.raises(ValueError, match="100 tokens hold 6 windows of 16; asked for 7"):
+        evaluate.perplexity(llama, _tokens(100), seq_len=16, n_windows=7)
+
+
+def test_perplexity_rejects_2d_tokens(llama):
+    with pytest.raises(ValueError, match="tokens must be a 1-D integer tensor"):
+        evaluate.perplexity(llama, _tokens(64).reshape(4, 16), seq_len=16)
+
+
+def test_perplexity_rejects_short_seq_len(llama):
+    with pytest.raises(ValueError, match="seq_len must be an int >= 2"):
+        evaluate.perplexity(llama, _tokens(64), seq_len=1)
+
+
+def test_perplexity_rejects_bad_batch_size(llama):
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        evaluate.perplexity(llama, _tokens(64), seq_len=16, batch_size=0)
+
+
+def test_sqnr_and_relative_error_by_hand():
+    x = torch.ones(100)
+    x_hat = x + 0.1  # noise power 1 % of the signal
+    assert evaluate.sqnr_db(x, x_hat) == pytest.approx(20.0)
+    assert evaluate.relative_error(x, x_hat) == pytest.approx(0.1)
+    assert evaluate.sqnr_db(x, x) == math.inf
+    assert evaluate.relative_error(x, x) == 0
+
+
+@pytest.mark.parametrize("n_bits", [4, 6, 8])
+def test_sqnr_of_uniform_data_matches_theory(n_bits):
+    # x uniform on [-1, 1] and a grid of L levels spanning it: step 2/(L-1), noise step^2/12,
+    # signal 1/3, so SQNR = 20 log10(L - 1): about 6.02 dB per bit.
+    # Asymmetric uses L = 2^b levels, symmetric drops one (L = 2^b - 1).
+    from quantcourse import PerTensor, fake_quantize
+
+    x = torch.rand(200_000, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    asym = evaluate.sqnr_db(x, fake_quantize(x, n_bits, symmetric=False, granularity=PerTensor()))
+    sym = evaluate.sqnr_db(x, fake_quantize(x, n_bits, symmetric=True, granularity=PerTensor()))
+    assert asym == pytest.approx(20 * math.log10(2**n_bits - 1), abs=0.1)
+    assert sym == pytest.approx(20 * math.log10(2**n_bits - 2), abs=0.1)
+
+
+def test_layer_output_error():
+    W = torch.randn(16, 32)
+    X = torch.randn(2, 10, 32)
+    assert evaluate.layer_output_error(W, W, X) == 0
+    assert evaluate.layer_output_error(W, 1.1 * W, X) == pytest.approx(0.1)
+
+
+def test_shape_mismatch():
+    with pytest.raises(ValueError, match=r"shapes differ: \(3,\) vs \(4,\)"):
+        evaluate.sqnr_db(torch.zeros(3), torch.zeros(4))
+
+
+def test_layer_output_error_feature_mismatch():
+    with pytest.raises(ValueError, match="X has 8 features but W expects 32"):
+        evaluate.layer_output_error(torch.randn(16, 32), torch.randn(16, 32), torch.randn(4, 8))
+
+
+@pytest.mark.slow
+def test_course_model_perplexity(course_model):
+    from quantcourse import data
+    from quantcourse.models import load_model
+
+    model, tokenizer = load_model()
+    ppl = evaluate.perplexity(model, data.eval_tokens(tokenizer), seq_len=512, n_windows=8)
+    if sys.version_info[:2] == (3, 11):
+        # Python 3.11's pydoc text, paragraphs deduplicated (see quantcourse.data); measured 13.34
+        assert ppl == pytest.approx(13.34, abs=0.05)
+    else:  # other Pythons ship slightly different documentation
+        assert 10 < ppl < 18
