@@ -62,7 +62,7 @@ test: setup
 	@echo "all tests passed"
 
 test-unit: setup
-	$(RUN_ENV) $(PY) -m pytest tests -n $(PYTEST_WORKERS)
+	$(RUN_ENV) $(PY) -m pytest tests -n $(PYTEST_WORKERS) --dist loadgroup
 
 # Instructor masters must execute top to bottom (hidden tests included); outputs are not compared (-lax).
 test-solutions: setup

@@ -194,6 +194,8 @@ class TestToyPipeline:
             html = page.read_text()
             assert _toy.HIDDEN_SENTINEL not in html and "BEGIN HIDDEN TESTS" not in html
             assert "random_inputs" not in html
+            assert "cdnjs.cloudflare.com" not in html and 'src="../../_mathjax/tex-chtml.js"' in html  # offline math
+        assert (out / "feedback" / "_mathjax" / "tex-chtml.js").is_file()
         carol = (out / "feedback" / "carol" / _toy.ASSIGNMENT / _toy.NOTEBOOK.replace(".ipynb", ".html")).read_text()
         assert "calling quantcourse.fake_quantize does not count" in carol
         assert "the hidden tests&#39; code is not shown" in carol or "the hidden tests' code is not shown" in carol

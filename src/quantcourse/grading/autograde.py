@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -117,6 +120,43 @@ def _grade_one(course: Course, submissions: Path, student: str, assignment: str,
     return Grade(student, assignment, score, max_score, "ok" if not problems else "graded, but " + "; ".join(problems))
 
 
+_MATHJAX_CDN = re.compile(r'<script src="https://cdnjs\.cloudflare\.com/ajax/libs/mathjax/[^"]*">\s*</script>')
+_MATHJAX_CONFIG = ("<script>window.MathJax = {tex: {inlineMath: [['$', '$'], ['\\\\(', '\\\\)']], "
+                   "processEscapes: true}};</script>")
+
+
+def _local_mathjax() -> Path | None:
+    """MathJax 3 as shipped by sphinx-mathjax-offline (a book dependency), or ``None``."""
+    spec = importlib.util.find_spec("sphinx-mathjax-offline")
+    folder = Path(spec.submodule_search_locations[0]) / "static" / "mathjax" if spec else None
+    return folder if folder and (folder / "tex-chtml.js").is_file() else None
+
+
+def offline_math(feedback: Path) -> int:
+    """Make the feedback pages under ``feedback`` typeset math without a network; returns pages changed.
+
+    nbgrader's feedback template loads MathJax 2 from a CDN. This copies MathJax 3 (script and fonts)
+    to ``feedback/_mathjax/`` and points every page at it, with ``$...$`` enabled for inline math.
+    """
+    source = _local_mathjax()
+    if source is None:
+        return 0
+    target = feedback / "_mathjax"
+    if not target.is_dir():
+        shutil.copytree(source / "output" / "chtml" / "fonts", target / "output" / "chtml" / "fonts")
+        shutil.copy2(source / "tex-chtml.js", target / "tex-chtml.js")
+    changed = 0
+    for page in feedback.rglob("*.html"):
+        html = page.read_text()
+        relative = Path(os.path.relpath(target / "tex-chtml.js", page.parent)).as_posix()
+        local = f'{_MATHJAX_CONFIG}<script id="MathJax-script" src="{relative}"></script>'
+        new = _MATHJAX_CDN.sub(lambda _: local, html)
+        if new != html:
+            page.write_text(new)
+            changed += 1
+    return changed
+
+
 def _feedback(course: Course, assignment: str, grades: list[Grade], out: Path, timeout: float) -> list[Grade]:
     """Generate feedback for ``assignment`` and copy each graded student's to ``out/feedback``."""
     run = run_nbgrader(course, "generate_feedback", assignment, "--force", timeout=timeout)
@@ -182,6 +222,8 @@ def autograde(
         graded.append(_grade_one(course, submissions, student, assignment, timeout))
     for assignment in assignments:
         graded = _feedback(course, assignment, graded, out, timeout)
+    if (out / "feedback").is_dir():
+        offline_math(out / "feedback")
     grades = sorted(grades + graded, key=lambda g: (g.assignment, g.student))
     write_grades_csv(grades, out / "grades.csv")
     return grades
