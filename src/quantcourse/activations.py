@@ -1,0 +1,173 @@
+"""Activation quantization: static (calibrated once) or dynamic (per token, at run time); WxAy models.
+
+Chapter 4 (PTQ calibration) teaches these. Weights are known before the model runs; activations
+are not. Two ways to give them a grid:
+
+- **static**: run calibration batches through the model, let an observer
+  (:mod:`quantcourse.calibration`) watch each layer's input and fix one range per tensor (or per
+  channel) for good: no work at run time, but every future input must fit that range;
+- **dynamic**: compute the range of every token when it arrives (``PerToken()``): each token gets
+  its own scale, at the cost of a min/max reduction per token at run time.
+
+:func:`quantize_model_w_a` turns a model into a fake-quantized ``WxAy`` model (weights fake-quantized
+per channel or per group, activations static or dynamic) and :func:`restore_float_linears` undoes it.
+Fake quantization means the values are rounded to the integer grid but the arithmetic stays float:
+it measures the accuracy of the integer model, not its speed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from . import surgery
+from .calibration import Observer, make_observer
+from .granularity import PerChannel, PerGroup, PerToken
+from .primitives import QParams, check_n_bits, choose_qparams, fake_quantize
+from .qat import fake_quantize_ste
+
+__all__ = ["ActivationQuantizer", "QuantizedLinear", "calibrate_linear_inputs", "quantize_model_w_a",
+           "restore_float_linears"]
+
+
+class ActivationQuantizer(nn.Module):
+    """Fake-quantizes activations ``[..., hidden]``: statically with fixed ``QParams``, or dynamically per token.
+
+    Build it with :meth:`static` or :meth:`dynamic`. The forward is differentiable with the
+    straight-through estimator (chapter 5), so the same module serves PTQ and QAT experiments.
+    """
+
+    def __init__(self, n_bits: int, *, qparams: QParams | None = None, symmetric: bool = True) -> None:
+        super().__init__()
+        check_n_bits(n_bits)
+        self.n_bits, self.qparams, self.symmetric = n_bits, qparams, symmetric
+
+    @classmethod
+    def static(cls, qparams: QParams) -> "ActivationQuantizer":
+        """Always use ``qparams`` (e.g. ``observer.qparams(8)``), whatever the input."""
+        if not isinstance(qparams, QParams):
+            raise TypeError(f"static activation quantization needs QParams (from an observer), got {type(qparams).__name__}")
+        return cls(qparams.n_bits, qparams=qparams, symmetric=qparams.symmetric)
+
+    @classmethod
+    def dynamic(cls, n_bits: int, *, symmetric: bool = True) -> "ActivationQuantizer":
+        """Compute each token's range when it arrives (``PerToken()``)."""
+        return cls(n_bits, symmetric=symmetric)
+
+    @property
+    def is_static(self) -> bool:
+        return self.qparams is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_static:
+            qp = self.qparams
+            if qp.scale.dim() and tuple(qp.scale.shape) != qp.granularity.param_shape(x.shape):
+                shape = qp.granularity.param_shape(x.shape)  # per-channel ranges fitted to this input's rank
+                qp = QParams(qp.scale.reshape(shape), qp.zero_point.reshape(shape), qp.n_bits, qp.symmetric,
+                             qp.granularity)
+        else:
+            qp = choose_qparams(x.detach(), self.n_bits, symmetric=self.symmetric, granularity=PerToken())
+        return fake_quantize_ste(x, qp)
+
+    def extra_repr(self) -> str:
+        return f"n_bits={self.n_bits}, {'static' if self.is_static else 'dynamic per token'}"
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer with fake-quantized weights (fixed) and fake-quantized inputs: ``fq(x) @ fq(W).T + b``.
+
+    Keeps the float layer it came from (``.linear``) so that :func:`restore_float_linears` can put it back.
+
+    Args:
+        linear: the float layer.
+        w_bits: weight bits; weights are symmetric, per output channel or per group of ``w_group_size``
+            input columns.
+        act: how inputs are quantized (``None``: not at all).
+    """
+
+    def __init__(self, linear: nn.Linear, *, w_bits: int = 8, w_group_size: int | None = None,
+                 act: ActivationQuantizer | None = None) -> None:
+        super().__init__()
+        self.linear, self.act = linear, act
+        granularity = PerChannel(0) if w_group_size is None else PerGroup(w_group_size)
+        self.register_buffer("weight", fake_quantize(linear.weight.detach(), w_bits, granularity=granularity))
+        self.w_bits, self.w_group_size = w_bits, w_group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x if self.act is None else self.act(x), self.weight, self.linear.bias)
+
+
+@torch.no_grad()
+def calibrate_linear_inputs(
+    model: nn.Module, calibration_batches: Iterable[torch.Tensor], observer: str | Callable[[], Observer] = "minmax",
+    *, include_head: bool = False, progress: bool = True,
+) -> dict[str, Observer]:
+    """Run the calibration batches through ``model`` and let one observer watch each linear layer's input.
+
+    Forward pre-hooks on every ``nn.Linear`` (found by :func:`quantcourse.surgery.find_linears`) feed
+    the observers; the hooks are removed afterwards, even on error. The model is not changed.
+
+    Args:
+        model: a causal LM (or any module whose linears should be watched).
+        calibration_batches: token ids ``[batch, seq]`` (e.g. ``data.calibration_samples(...).split(4)``).
+        observer: a name from :data:`quantcourse.calibration.OBSERVERS` or a zero-argument factory.
+
+    Returns:
+        ``{linear name: observer}``.
+    """
+    factory = (lambda: make_observer(observer)) if isinstance(observer, str) else observer
+    linears = surgery.find_linears(model, include_head=include_head)
+    observers = {name: factory() for name in linears}
+    handles = [linear.register_forward_pre_hook(lambda mod, args, obs=observers[name]: obs.update(args[0]))
+               for name, linear in linears.items()]
+    try:
+        device = next(model.parameters()).device
+        for batch in tqdm(list(calibration_batches), desc="calibrating", disable=not progress, leave=False):
+            model(batch.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return observers
+
+
+def quantize_model_w_a(
+    model: nn.Module, calibration_batches: Iterable[torch.Tensor] | None = None, *, w_bits: int = 8,
+    a_bits: int = 8, observer: str | Callable[[], Observer] = "minmax", dynamic: bool = False,
+    w_group_size: int | None = None, a_symmetric: bool = True, observers: dict[str, Observer] | None = None,
+    include_head: bool = False, progress: bool = True,
+) -> nn.Module:
+    """Turn ``model`` into a fake-quantized ``W{w_bits}A{a_bits}`` model, in place; returns it.
+
+    Static (default): the inputs of every linear layer are calibrated on ``calibration_batches`` with
+    ``observer`` (or taken from ``observers``, the result of :func:`calibrate_linear_inputs`, to reuse
+    one calibration for several bit widths) and quantized per tensor. ``dynamic=True``: per-token
+    ranges at run time, no calibration data needed. Undo with :func:`restore_float_linears`.
+    """
+    check_n_bits(w_bits)
+    check_n_bits(a_bits)
+    if not dynamic and observers is None:
+        if calibration_batches is None:
+            raise ValueError("static activation quantization needs calibration_batches (or observers=...); "
+                             "pass dynamic=True for per-token ranges without calibration")
+        observers = calibrate_linear_inputs(model, calibration_batches, observer, include_head=include_head,
+                                            progress=progress)
+
+    def make(name: str, linear: nn.Linear) -> QuantizedLinear:
+        if dynamic:
+            act = ActivationQuantizer.dynamic(a_bits, symmetric=a_symmetric)
+        else:
+            act = ActivationQuantizer.static(observers[name].qparams(a_bits, symmetric=a_symmetric))
+        return QuantizedLinear(linear, w_bits=w_bits, w_group_size=w_group_size, act=act)
+
+    return surgery.replace_linears(model, make, include_head=include_head)
+
+
+def restore_float_linears(model: nn.Module) -> nn.Module:
+    """Put every :class:`QuantizedLinear`'s float layer back, in place; returns ``model``."""
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]:
+        surgery.set_module(model, name, module.linear)
+    return model
