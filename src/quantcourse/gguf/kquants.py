@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .base import BlockFormat, half_from_bytes, split_bytes
-from .cfloat import div, fp16_bits, fp16_round, first_absmax, nearest_int, positive_max, seq_sum
+from .cfloat import div, fp16_bits, fp16_round, first_absmax, nearest_int, positive_max, seq_sum, sqrtf
 from .search import GROUP_MAX_EPS, make_q3_quants, make_qkx2_quants, make_qx_quants
 
 __all__ = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "pack_scale_min_k4", "unpack_scale_min_k4"]
@@ -103,7 +103,7 @@ class _AsymmetricK(BlockFormat):
     def _codes(cls, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         B = blocks.shape[0]
         x = _to_positions(blocks, 32)  # [32, B*8]
-        av_x = torch.sqrt(seq_sum(x * x) / 32)
+        av_x = sqrtf(seq_sum(x * x) / 32)
         w = av_x + x.abs()
         res = make_qkx2_quants(x, w, nmax=cls.nmax, rmin=cls.rmin, rdelta=0.1, nstep=cls.nstep, use_mad=False)
         scales, mins = res.scale.reshape(B, 8), res.min.reshape(B, 8)

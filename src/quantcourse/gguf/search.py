@@ -45,8 +45,17 @@ def _f32(v: float) -> float:
 
 
 def _weighted_error(w, x, L, scale, lo, use_mad):
-    diff = scale * L.to(torch.float32) + lo - x  # ((scale*L) + min) - x, as in C
+    diff = scale * L + lo - x  # ((scale*L) + min) - x, as in C
     return seq_sum(w * (diff.abs() if use_mad else diff * diff))
+
+
+def _codes(f: torch.Tensor, nmax: int) -> torch.Tensor:
+    """``MAX(0, MIN(nmax, nearest_int(f)))`` as float32 codes.
+
+    The C bit trick is kept on purpose: tiny sub-blocks make ``iscale`` overflow, and then
+    ``inf`` and ``NaN`` (from 0·inf) both become code 0 in C, not ``nmax``.
+    """
+    return nearest_int(f).clamp_(0, nmax).to(torch.float32)
 
 
 def make_qkx2_quants(
@@ -55,9 +64,9 @@ def make_qkx2_quants(
     """Asymmetric scale search (``make_qkx2_quants``): codes 0..nmax, x ≈ scale·L − min.
 
     Start from the min/max grid, then try ``iscale = (rmin + rdelta·is + nmax) / (max − min)``
-    for ``is = 0..nstep``; for each, fit scale and min by weighted least squares (the 2×2
-    normal equations; min clamped to ≤ 0) and keep it if the weighted error (squared, or
-    absolute when ``use_mad``) is lower.
+    for ``is = 0..nstep`` (``min`` being the best offset found so far); for each, fit scale and
+    min by weighted least squares (the 2×2 normal equations; min clamped to ≤ 0) and keep it if
+    the weighted error (squared, or absolute when ``use_mad``) is lower.
 
     Args:
         x, w: float32 ``[n, B]`` values and importance weights.
@@ -67,22 +76,21 @@ def make_qkx2_quants(
     Returns:
         :class:`SearchResult` with ``min`` = −(fitted offset) ≥ 0.
     """
-    lo = x.amin(dim=0).clamp(max=0)  # [B]; the C code sets min = 0 when min > 0
+    lo0 = x.amin(dim=0).clamp(max=0)  # [B]; the C code sets min = 0 when min > 0
     hi = x.amax(dim=0)
-    flat = hi == lo  # the C code returns scale 0, codes 0 before searching
+    flat = hi == lo0  # the C code returns scale 0, codes 0 before searching
     sum_w = seq_sum(w[1:], start=w[0])
     sum_x = seq_sum(w[1:] * x[1:], start=w[0] * x[0])
-    iscale = div(float(nmax), hi - lo)
-    scale = recip(iscale)
-    L = nearest_int(iscale * (x - lo)).clamp(0, nmax)
+    iscale = div(float(nmax), hi - lo0)
+    scale, lo = recip(iscale), lo0
+    L = _codes(iscale * (x - lo), nmax)
     best = _weighted_error(w, x, L, scale, lo, use_mad)
     for step in range(nstep + 1):
         num = _f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax)
         # the grid is re-centred on the best min found so far, as in the C loop
-        Laux = nearest_int(div(num, hi - lo) * (x - lo)).clamp(0, nmax)
-        lf = Laux.to(torch.float32)
-        wl = w * lf
-        sum_l, sum_l2, sum_xl = seq_sum(wl), seq_sum(wl * lf), seq_sum(wl * x)
+        Laux = _codes(div(num, hi - lo) * (x - lo), nmax)
+        wl = w * Laux
+        sum_l, sum_l2, sum_xl = seq_sum(wl), seq_sum(wl * Laux), seq_sum(wl * x)
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -96,8 +104,8 @@ def make_qkx2_quants(
         scale = torch.where(better, this_scale, scale)
         lo = torch.where(better, this_min, lo)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
-    L = torch.where(flat, torch.zeros_like(L), L)
-    lo = torch.where(flat, x.amin(dim=0).clamp(max=0), lo)
+    L = torch.where(flat, torch.zeros_like(L), L).to(torch.int32)
+    lo = torch.where(flat, lo0, lo)
     return SearchResult(scale=scale, min=-lo, L=L)
 
 
