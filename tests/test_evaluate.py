@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from quantcourse import evaluate
-from tiny_models import VOCAB, tiny_llama, tiny_opt
+from tiny_models import VOCAB, one_thread, tiny_llama, tiny_opt  # noqa: F401  (one_thread: autouse fixture)
 
 
 def _direct_perplexity(model, tokens, seq_len, n_windows):

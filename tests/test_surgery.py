@@ -6,7 +6,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from quantcourse import surgery
-from tiny_models import TINY_MODELS, VOCAB
+from tiny_models import TINY_MODELS, VOCAB, one_thread  # noqa: F401  (autouse fixture)
 
 # linear layers of one decoder block, per family (GPT-2 after as_plain_linears)
 BLOCK_LINEARS = {

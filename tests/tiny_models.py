@@ -1,5 +1,6 @@
 """Tiny randomly initialised transformers models (no download) for fast tests."""
 
+import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
@@ -28,3 +29,17 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
 
 
 TINY_MODELS = {"llama": tiny_llama, "opt": tiny_opt, "gpt2": tiny_gpt2}
+
+
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """Tiny models run their microsecond-sized ops fastest on one thread: with several, every op
+    pays for waking the others (and on a busy machine, for waiting on a descheduled one).
+    Tests marked slow (the course model) keep torch's thread count."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
