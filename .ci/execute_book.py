@@ -1,0 +1,55 @@
+"""Execute the book's notebooks in parallel into the jupyter-cache that `jupyter-book build` then reads.
+
+jupyter-book (execute_notebooks: cache) runs notebooks one after another; this runs the outdated ones
+of _toc.yml side by side (one process per core) first, so the build only renders them. Each notebook
+still executes once per change: unchanged notebooks are cache hits. A notebook that fails here is
+left uncached; the build then runs it again and fails with its traceback (-W).
+
+Usage: python .ci/execute_book.py CACHE_PATH TIMEOUT_SECONDS
+"""
+
+import sys
+from pathlib import Path
+
+import yaml
+from jupyter_cache import get_cache
+from jupyter_cache.executors import load_executor
+
+
+def toc_notebooks(toc: Path) -> list[str]:
+    """The .ipynb files that _toc.yml names (root, chapters and sections, any depth)."""
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key in ("root", "file"):
+                if isinstance(node.get(key), str):
+                    path = toc.parent / f"{node[key]}.ipynb"
+                    if path.is_file():
+                        found.append(str(path.resolve()))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(yaml.safe_load(toc.read_text()))
+    return sorted(set(found))
+
+
+def main(cache_path: str, timeout: str) -> int:
+    notebooks = toc_notebooks(Path("_toc.yml"))
+    cache = get_cache(cache_path)
+    for record in cache.list_project_records():
+        if record.uri not in notebooks:
+            cache.remove_nb_from_project(record.pk)
+    for notebook in notebooks:
+        cache.add_nb_to_project(notebook)
+    result = load_executor("local-parallel", cache).run_and_cache(timeout=int(timeout), filter_uris=notebooks)
+    print(f"book notebooks: {len(notebooks)}; executed now: {len(result.succeeded)}; "
+          f"failed: {len(result.excepted) + len(result.errored)} (the build reports them)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))
