@@ -45,10 +45,10 @@ token, summed over outputs".
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import Callable, Literal, TypeVar
 
 import torch
 from torch import nn
@@ -63,6 +63,7 @@ __all__ = [
 
 DAMP = 0.01  # percdamp of the reference
 BLOCK_SIZE = 128  # blocksize of the reference
+F = TypeVar("F", bound=Callable)
 
 
 @dataclass(frozen=True)
@@ -223,19 +224,21 @@ def _group_params(W: torch.Tensor, n_bits: int, symmetric: bool, group_size: int
     return torch.cat([p.scale for p in parts], 1), torch.cat([p.zero_point for p in parts], 1)
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run GPTQ's linear algebra on one intra-op thread, then restore the setting.
+def _one_thread(fn: F) -> F:
+    """Run ``fn`` on one intra-op thread, then restore the setting.
 
-    Its per-column operations touch a few thousand numbers: too small to gain from threads. On a
+    GPTQ's per-column operations touch a few thousand numbers: too small to gain from threads. On a
     busy 2-core machine two threads made them, and LAPACK's Cholesky inverse, 10-50x slower.
     """
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(saved)
+    return wrapper  # type: ignore[return-value]
 
 
 def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -251,6 +254,7 @@ def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
             "tokens than input features, or increase damp (e.g. 0.1)") from e
 
 
+@_one_thread
 def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -320,25 +324,24 @@ def gptq_quantize(
     col_group = col_group.tolist()
     codes_t = torch.empty_like(Wt)
     losses = torch.zeros(n_cols, dtype=dtype, device=W.device)
-    with _one_thread():
-        U = _inverse_hessian_factor(H, damp)
-        for i1 in range(0, n_cols, block_size):
-            i2 = min(i1 + block_size, n_cols)
-            W1, U1 = Wt[i1:i2].clone(), U[i1:i2, i1:i2]
-            Err1 = torch.empty_like(W1)  # [block, out]
-            for i in range(i2 - i1):
-                col = i1 + i
-                if dynamic and col % g == 0:  # a group begins: fix its parameters now, from Wt (not W1)
-                    s, z = _group_params(Wt[col:col + g].T, n_bits, symmetric, None)
-                    scale_t[col // g], zero_t[col // g] = s[:, 0], z[:, 0]
-                s, z, w = scale_t[col_group[col]], zero_t[col_group[col]], W1[i]
-                q = torch.clamp(torch.round(w / s) + z, 0, maxq)  # primitives.quantize, inlined per column
-                codes_t[col] = q
-                err = (w - s * (q - z)) / U1[i, i]
-                losses[col] = err.square().sum() / 2
-                W1[i:].addr_(U1[i, i:], err, alpha=-1)  # OBS update of the block's remaining columns
-                Err1[i] = err
-            Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)  # the lazy update of every later column
+    U = _inverse_hessian_factor(H, damp)
+    for i1 in range(0, n_cols, block_size):
+        i2 = min(i1 + block_size, n_cols)
+        W1, U1 = Wt[i1:i2].clone(), U[i1:i2, i1:i2]
+        d = U1.diagonal().tolist()
+        Err1 = torch.empty_like(W1)  # [block, out]: the scaled errors (w - q) / d
+        for i in range(i2 - i1):
+            col = i1 + i
+            if dynamic and col % g == 0:  # a group begins: fix its parameters now, from Wt (not W1)
+                s, z = _group_params(Wt[col:col + g].T, n_bits, symmetric, None)
+                scale_t[col // g], zero_t[col // g] = s[:, 0], z[:, 0]
+            s, z, w = scale_t[col_group[col]], zero_t[col_group[col]], W1[i]
+            q = torch.div(w, s).round_().add_(z).clamp_(0, maxq)  # primitives.quantize, inlined
+            codes_t[col] = q
+            torch.sub(w, q.sub_(z).mul_(s), out=Err1[i]).div_(d[i])  # (w - dequantized) / d
+            W1[i:].addr_(U1[i, i:], Err1[i], alpha=-1)  # OBS update of the block's remaining columns
+        losses[i1:i2] = Err1.square().sum(1) / 2
+        Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)  # the lazy update of every later column
     scale, zero = scale_t.T.float().contiguous(), zero_t.T.to(torch.int32).contiguous()
     codes = codes_t.T
     if perm is not None:
@@ -351,6 +354,7 @@ def gptq_quantize(
     return GPTQResult(weight, codes, scale, zero, g_idx, perm, losses.sum().item(), n_bits, group_size, symmetric)
 
 
+@_one_thread
 def rtn_quantize(W: torch.Tensor, n_bits: int, *, group_size: int | None = None, symmetric: bool = False,
                  allow_partial_group: bool = False) -> GPTQResult:
     """Round-to-nearest on the same grid as GPTQ: the baseline every table compares with.
