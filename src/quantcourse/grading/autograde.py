@@ -101,15 +101,18 @@ def _score(course: Course, assignment: str, student: str | None) -> tuple[float,
             return 0.0, max_score
 
 
-def _grade_one(course: Course, submissions: Path, student: str, assignment: str, timeout: float) -> Grade:
+def _stage(course: Course, submissions: Path, student: str, assignment: str) -> str | None:
+    """Copy one submission into nbgrader's ``submitted`` folder; returns why it cannot be graded, or None."""
     problem = _check_submission(submissions / student / assignment, course.notebooks(assignment))
     for step in ("submitted", "autograded", "feedback"):
         shutil.rmtree(course.step_dir(step) / student / assignment, ignore_errors=True)
-    if problem:
-        return Grade(student, assignment, 0.0, _score(course, assignment, None)[1], problem)
-    target = course.step_dir("submitted") / student / assignment
-    shutil.copytree(submissions / student / assignment, target)
-    run = run_nbgrader(course, "autograde", assignment, "--student", student, "--force", timeout=timeout)
+    if problem is None:
+        shutil.copytree(submissions / student / assignment, course.step_dir("submitted") / student / assignment)
+    return problem
+
+
+def _result(course: Course, student: str, assignment: str, run, timeout: float) -> Grade:
+    """The grade of one staged submission after the nbgrader ``run`` that autograded it."""
     max_score = _score(course, assignment, None)[1]
     if run.timed_out:
         return Grade(student, assignment, 0.0, max_score, f"timeout: grading ran past {timeout:g} s")
@@ -118,6 +121,29 @@ def _grade_one(course: Course, submissions: Path, student: str, assignment: str,
     score, max_score = _score(course, assignment, student)
     problems = _execution_problems(course.step_dir("autograded") / student / assignment)
     return Grade(student, assignment, score, max_score, "ok" if not problems else "graded, but " + "; ".join(problems))
+
+
+def _grade_one(course: Course, submissions: Path, student: str, assignment: str, timeout: float) -> Grade:
+    """Autograde one student's submission of one assignment in its own nbgrader process."""
+    problem = _stage(course, submissions, student, assignment)
+    if problem:
+        return Grade(student, assignment, 0.0, _score(course, assignment, None)[1], problem)
+    run = run_nbgrader(course, "autograde", assignment, "--student", student, "--force", timeout=timeout)
+    return _result(course, student, assignment, run, timeout)
+
+
+def _grade_batch(course: Course, submissions: Path, students: list[str], assignment: str, timeout: float) -> list[Grade]:
+    """Autograde all students of one assignment in one nbgrader process (trusted submissions only).
+
+    Falls back to one process per student when the shared run fails.
+    """
+    problems = {s: _stage(course, submissions, s, assignment) for s in students}
+    run = run_nbgrader(course, "autograde", assignment, "--force", timeout=timeout * max(len(students), 1))
+    if not run.ok:
+        return [_grade_one(course, submissions, s, assignment, timeout) for s in students]
+    max_score = _score(course, assignment, None)[1]
+    return [Grade(s, assignment, 0.0, max_score, problems[s]) if problems[s] else _result(course, s, assignment, run, timeout)
+            for s in students]
 
 
 _MATHJAX_CDN = re.compile(r'<script src="https://cdnjs\.cloudflare\.com/ajax/libs/mathjax/[^"]*">\s*</script>')
@@ -182,6 +208,8 @@ def autograde(
     timeout: float = 900,
     progress: bool = True,
     generate: bool = True,
+    feedback: bool = True,
+    batch: bool = False,
 ) -> list[Grade]:
     """Autograde ``submissions`` (``<student>/<assignment>/*.ipynb``) for ``course``.
 
@@ -198,6 +226,9 @@ def autograde(
         progress: show a tqdm progress bar.
         generate: store the assignments in the gradebook first (see :func:`prepare`); ``False`` when the
             caller just did.
+        feedback: generate feedback HTML.
+        batch: grade all students of an assignment in one nbgrader process: faster, for trusted notebooks
+            only (self-check); a kernel crash then costs a retry per student.
 
     Returns:
         One :class:`Grade` per (student, assignment), sorted by assignment then student.
@@ -214,13 +245,18 @@ def autograde(
     failed = prepare(course, assignments) if generate else {}
     grades += [Grade(s, a, 0.0, 0.0, f"error: could not prepare the assignment: {why}")
                for a, why in failed.items() for s in students]
-    jobs = [(s, a) for a in assignments if a not in failed for s in students]
-    bar = tqdm(jobs, desc="autograde", unit="submission", disable=not progress)
     graded = []
-    for student, assignment in bar:
-        bar.set_postfix_str(f"{student}/{assignment}")
-        graded.append(_grade_one(course, submissions, student, assignment, timeout))
-    for assignment in assignments:
+    if batch:
+        for assignment in tqdm([a for a in assignments if a not in failed], desc="autograde", unit="assignment",
+                               disable=not progress):
+            graded += _grade_batch(course, submissions, students, assignment, timeout)
+    else:
+        jobs = [(s, a) for a in assignments if a not in failed for s in students]
+        bar = tqdm(jobs, desc="autograde", unit="submission", disable=not progress)
+        for student, assignment in bar:
+            bar.set_postfix_str(f"{student}/{assignment}")
+            graded.append(_grade_one(course, submissions, student, assignment, timeout))
+    for assignment in assignments if feedback else []:
         graded = _feedback(course, assignment, graded, out, timeout)
     if (out / "feedback").is_dir():
         offline_math(out / "feedback")

@@ -70,7 +70,7 @@ def selfcheck(
             shutil.copytree(course.source / name, submissions / "solution" / name)
             shutil.copytree(scratch.work / "release" / name, submissions / "release" / name)
         grades = autograde(scratch, submissions, out=tmp / "out", timeout=timeout, progress=progress,
-                           generate=False) if (
+                           generate=False, feedback=False, batch=True) if (
             submissions.is_dir()) else []
     results = []
     for name in names:
