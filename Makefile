@@ -58,13 +58,15 @@ book: setup
 	@echo "open _build/html/index.html in a browser"
 
 # The book's notebooks execute once per run, in the book build (cached by jupyter-cache between runs).
+TEST_STEPS := test-unit test-solutions test-book selfcheck check-release
+
 test: setup
-	$(MAKE) --no-print-directory test-unit
-	$(MAKE) --no-print-directory test-solutions
-	$(MAKE) --no-print-directory test-book
-	$(MAKE) --no-print-directory selfcheck
-	$(MAKE) --no-print-directory check-release
-	@echo "all tests passed"
+	@for step in $(TEST_STEPS); do \
+	  start=$$(date +%s); \
+	  $(MAKE) --no-print-directory $$step || { echo "[make test] $$step FAILED after $$(( $$(date +%s) - start )) s"; exit 1; }; \
+	  echo "[make test] $$step passed in $$(( $$(date +%s) - start )) s"; \
+	done
+	@echo "[make test] all passed"
 
 test-unit: setup
 	$(RUN_ENV) $(PY) -m pytest tests -n $(PYTEST_WORKERS) --dist loadgroup
