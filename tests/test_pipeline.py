@@ -30,7 +30,7 @@ def calib(n=6, seq=24):
 
 @pytest.mark.parametrize("kind", CONFIGS)
 def test_blocks_see_the_model_hidden_states_when_nothing_changes(kind):
-    model = tiny(kind)
+    model = tiny(kind).train()  # dropout on: the pipeline must switch it off
     seen = []
     pipeline.run_blockwise(model, calib(), transform_block=lambda ctx: seen.append(torch.cat(ctx.inputs)),
                            batch_size=4, progress=False)

@@ -179,7 +179,8 @@ def run_blockwise(
     Per block: ``collect`` statistics of each linear's inputs (one pass of the float block), then
     ``transform_block(ctx)``, then ``quantize_linear(name, linear)`` for every selected linear, then the
     block's new outputs become the next block's inputs. GPT-2's ``Conv1D`` layers are turned into
-    ``nn.Linear`` first (:func:`quantcourse.surgery.as_plain_linears`), so callbacks always see ``[out, in]``.
+    ``nn.Linear`` first (:func:`quantcourse.surgery.as_plain_linears`), so callbacks always see ``[out, in]``,
+    and the model is put in eval mode.
 
     Args:
         model: a Llama-, OPT- or GPT-2-style causal LM; modified in place by the callbacks.
@@ -193,7 +194,7 @@ def run_blockwise(
         progress: show a tqdm bar over the blocks.
         desc: the bar's label.
     """
-    model = surgery.as_plain_linears(model)
+    model = surgery.as_plain_linears(model).eval()  # calibration never runs dropout
     blocks = surgery.decoder_blocks(model)
     names = _qualified_names(model, blocks)
     needs_data = collect is not None or transform_block is not None
