@@ -221,6 +221,15 @@ def test_asymmetric_range_stays_inside_observed_range(cls):
     assert qp.zero_point.item() == 0  # lo = min >= 0: the zero point sits at the bottom
 
 
+def test_as_observer_shares_one_calibration():
+    x = heavy_tailed("laplace", n=20_000)
+    source = calibrated(PercentileObserver, x)
+    for cls in (MSEObserver, EntropyObserver, MinMaxObserver):
+        torch.testing.assert_close(source.as_observer(cls).qparams(8).scale, calibrated(cls, x).qparams(8).scale)
+    with pytest.raises(TypeError, match="cannot stand in for a EntropyObserver"):
+        calibrated(MinMaxObserver, x).as_observer(EntropyObserver)
+
+
 def test_make_observer_by_name():
     assert isinstance(make_observer("entropy", num_bins=512), EntropyObserver)
     with pytest.raises(ValueError, match="unknown observer 'kl'"):

@@ -92,6 +92,14 @@ def test_lsq_init_scale_formula():
     torch.testing.assert_close(per_channel[:, 0], 2 * W.abs().mean(1) / math.sqrt(7))
 
 
+def test_minmax_init_equals_round_to_nearest_grid():
+    W = torch.randn(8, 32)
+    q = LSQQuantizer(4, granularity=qc.PerChannel(0), param_shape=(8, 1), init=W, init_method="minmax")
+    torch.testing.assert_close(q.scale.detach(), W.abs().amax(1, keepdim=True) / 7)
+    with pytest.raises(ValueError, match="method must be 'lsq' or 'minmax'"):
+        lsq_init_scale(W, 7, method="mse")
+
+
 def test_lsq_quantizer_weight_gradient_scale_uses_layer_size():
     W = torch.randn(6, 10)
     q = LSQQuantizer(4, granularity=qc.PerChannel(0), param_shape=(6, 1), init=W)

@@ -105,6 +105,23 @@ class Observer(ABC):
         else:
             self.min_val, self.max_val = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
 
+    def as_observer(self, cls: type["Observer"], **kwargs) -> "Observer":
+        """A ``cls`` observer holding the statistics this one gathered: calibrate once, compare methods.
+
+        A :class:`HistogramObserver` can become any histogram observer (its histogram is shared, not
+        copied) or a :class:`MinMaxObserver`; any observer can become a ``MinMaxObserver``.
+        ``kwargs`` are ``cls``'s own hyperparameters (e.g. ``percentile=99.9``).
+        """
+        target = cls(granularity=self.granularity, **kwargs)
+        if cls is not MinMaxObserver and not (issubclass(cls, HistogramObserver) and isinstance(self, HistogramObserver)):
+            raise TypeError(f"a {type(self).__name__} cannot stand in for a {cls.__name__}: only a histogram observer "
+                            "can become another histogram observer; calibrate a new one instead")
+        target.min_val, target.max_val, target._shape = self.min_val, self.max_val, self._shape
+        if isinstance(target, HistogramObserver):
+            target.num_bins, target.max_bins = self.num_bins, self.max_bins
+            target.hist, target.width, target.n_bins = self.hist, self.width, self.n_bins
+        return target
+
     def _observe(self, flat: torch.Tensor) -> None:
         """Hook for observers that keep more than the range (histograms)."""
 

@@ -133,10 +133,19 @@ def lsq_fake_quantize(
     return round_ste(torch.clamp(v / s, -qn, qp)) * s
 
 
-def lsq_init_scale(v: torch.Tensor, qp: int, granularity: Granularity = PerTensor()) -> torch.Tensor:
-    """LSQ's initial step size ``2 * mean|v| / sqrt(Q_P)``, one per ``granularity`` parameter."""
-    mean_abs = granularity.reduce(v.detach().abs().float(), torch.mean)
-    return (2 * mean_abs / math.sqrt(qp)).clamp(min=torch.finfo(torch.float32).eps)
+def lsq_init_scale(v: torch.Tensor, qp: int, granularity: Granularity = PerTensor(), *, method: str = "lsq") -> torch.Tensor:
+    """Initial step size, one per ``granularity`` parameter.
+
+    ``method="lsq"``: the paper's ``2 * mean|v| / sqrt(Q_P)`` (meant for training from scratch or for
+    long fine-tuning); ``"minmax"``: ``max|v| / Q_P``, the round-to-nearest grid of chapter 3, the
+    better start when the training budget is short (QAT then starts from the PTQ model).
+    """
+    if method not in ("lsq", "minmax"):
+        raise ValueError(f"method must be 'lsq' or 'minmax', got {method!r}")
+    v = v.detach().abs().float()
+    if method == "minmax":
+        return (granularity.reduce(v, torch.amax) / qp).clamp(min=torch.finfo(torch.float32).eps)
+    return (2 * granularity.reduce(v, torch.mean) / math.sqrt(qp)).clamp(min=torch.finfo(torch.float32).eps)
 
 
 class LSQQuantizer(nn.Module):
@@ -153,13 +162,14 @@ class LSQQuantizer(nn.Module):
         param_shape: shape of ``scale`` (``granularity.param_shape`` of the tensors to quantize).
         offset: learn ``beta`` too (LSQ+).
         init: a tensor to initialize from now (a weight); otherwise the first forward input.
+        init_method: ``"lsq"`` or ``"minmax"`` (see :func:`lsq_init_scale`).
     """
 
     def __init__(self, n_bits: int, *, granularity: Granularity = PerTensor(), param_shape: tuple[int, ...] = (),
-                 offset: bool = False, init: torch.Tensor | None = None) -> None:
+                 offset: bool = False, init: torch.Tensor | None = None, init_method: str = "lsq") -> None:
         super().__init__()
         check_n_bits(n_bits)
-        self.n_bits, self.granularity = n_bits, granularity
+        self.n_bits, self.granularity, self.init_method = n_bits, granularity, init_method
         self.qn, self.qp = (0, 2**n_bits - 1) if offset else (2 ** (n_bits - 1), 2 ** (n_bits - 1) - 1)
         self.scale = nn.Parameter(torch.ones(param_shape))
         self.offset = nn.Parameter(torch.zeros(param_shape)) if offset else None
@@ -171,7 +181,7 @@ class LSQQuantizer(nn.Module):
     def initialize(self, v: torch.Tensor) -> None:
         """Set the step (and offset) from ``v`` as LSQ (LSQ+) prescribes."""
         if self.offset is None:
-            self.scale.copy_(lsq_init_scale(v, self.qp, self.granularity))
+            self.scale.copy_(lsq_init_scale(v, self.qp, self.granularity, method=self.init_method))
         else:
             lo, hi = self.granularity.reduce(v.float(), torch.amin), self.granularity.reduce(v.float(), torch.amax)
             self.scale.copy_(((hi - lo) / self.qp).clamp(min=torch.finfo(torch.float32).eps))
@@ -222,13 +232,14 @@ class QATLinear(nn.Module):
     """
 
     def __init__(self, linear: nn.Linear, *, w_bits: int = 4, w_group_size: int | None = None,
-                 a_bits: int | None = None, a_mode: str = "lsq") -> None:
+                 a_bits: int | None = None, a_mode: str = "lsq", w_init: str = "lsq") -> None:
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
         granularity = PerChannel(0) if w_group_size is None else PerGroup(w_group_size)
         granularity.check(self.weight)
         self.weight_quantizer = LSQQuantizer(w_bits, granularity=granularity,
-                                             param_shape=granularity.param_shape(self.weight.shape), init=self.weight)
+                                             param_shape=granularity.param_shape(self.weight.shape), init=self.weight,
+                                             init_method=w_init)
         if a_mode not in ("lsq", "lsq+", "dynamic"):
             raise ValueError(f"a_mode must be 'lsq', 'lsq+' or 'dynamic', got {a_mode!r}")
         self.a_bits, self.a_mode = a_bits, a_mode
@@ -272,16 +283,17 @@ class IntWeightLinear(nn.Module):
 
 
 def prepare(model: nn.Module, *, w_bits: int = 4, w_group_size: int | None = None, a_bits: int | None = None,
-            a_mode: str = "lsq", include_head: bool = False, names=lambda name: True) -> nn.Module:
+            a_mode: str = "lsq", w_init: str = "lsq", include_head: bool = False, names=lambda name: True) -> nn.Module:
     """Float model -> fake-quantized trainable model: every selected ``nn.Linear`` becomes a :class:`QATLinear`.
 
     In place (the linear layers are swapped through :mod:`quantcourse.surgery`); returns ``model``.
-    Weight steps are initialized from the weights now; activation steps on the first batch.
+    Weight steps are initialized from the weights now (``w_init``: ``"lsq"`` or ``"minmax"``, see
+    :func:`lsq_init_scale`); activation steps on the first batch.
     """
     check_n_bits(w_bits)
     return surgery.replace_linears(
         model, lambda name, linear: QATLinear(linear, w_bits=w_bits, w_group_size=w_group_size, a_bits=a_bits,
-                                              a_mode=a_mode),
+                                              a_mode=a_mode, w_init=w_init),
         include_head=include_head, names=names)
 
 
