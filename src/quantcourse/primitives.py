@@ -165,30 +165,6 @@ def _check_qparams(qparams: QParams, x: torch.Tensor, name: str) -> None:
         )
 
 
-def _float_codes(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
-    """``clamp(round(x / scale) + zero_point, qmin, qmax)`` as a new float32 tensor of ``x``'s shape."""
-    g = qparams.granularity
-    xg, scale = g.broadcast(x.detach(), qparams.scale)
-    q = torch.div(xg.float(), scale)  # the one new tensor; the steps below work on it in place
-    q.round_()
-    if not qparams.symmetric:
-        q.add_(g.broadcast(x, qparams.zero_point)[1])
-    q.clamp_(qparams.qmin, qparams.qmax)
-    return q.reshape(x.shape)
-
-
-def _dequantize_float_codes_(q: torch.Tensor, qparams: QParams) -> torch.Tensor:
-    """``(q - zero_point) * scale`` in place on the float32 tensor ``q`` (made contiguous first, so
-    that the grouped view below is a view and not a copy); returns it."""
-    q = q.contiguous()
-    g = qparams.granularity
-    qg, scale = g.broadcast(q, qparams.scale)  # a view of q: in-place ops write into q
-    if not qparams.symmetric:
-        qg.sub_(g.broadcast(q, qparams.zero_point)[1])  # integers below 2^9: exact in float32
-    qg.mul_(scale)
-    return q
-
-
 def quantize(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
     """Map ``x`` to integer codes: ``clamp(round(x / scale) + zero_point, qmin, qmax)``.
 
@@ -201,7 +177,15 @@ def quantize(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
     """
     check_float_tensor(x)
     _check_qparams(qparams, x, "x")
-    return _float_codes(x, qparams).to(qparams.code_dtype)
+    g = qparams.granularity
+    # Views that broadcast: for PerGroup(g) x as [out, in // g, g] against scales [out, in // g, 1].
+    xg, scale = g.broadcast(x.detach(), qparams.scale)
+    q = torch.div(xg.float(), scale)  # the one new float tensor; the steps below update it in place
+    q.round_()  # half to even
+    if not qparams.symmetric:
+        q.add_(g.broadcast(x, qparams.zero_point)[1])
+    q.clamp_(qparams.qmin, qparams.qmax)
+    return q.reshape(x.shape).to(qparams.code_dtype)
 
 
 def dequantize(q: torch.Tensor, qparams: QParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -221,8 +205,13 @@ def dequantize(q: torch.Tensor, qparams: QParams, dtype: torch.dtype = torch.flo
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.float32, got {dtype!r}")
     _check_qparams(qparams, q, "q")
-    out = _dequantize_float_codes_(q.to(torch.float32), qparams)
-    return out.to(dtype)
+    g = qparams.granularity
+    x_hat = q.to(torch.float32, memory_format=torch.contiguous_format)  # the one new tensor
+    xg, scale = g.broadcast(x_hat, qparams.scale)  # views of x_hat: the in-place steps write into it
+    if not qparams.symmetric:
+        xg.sub_(g.broadcast(x_hat, qparams.zero_point)[1])  # integers below 2^9: exact in float32
+    xg.mul_(scale)
+    return x_hat.to(dtype)
 
 
 def fake_quantize(
@@ -230,11 +219,21 @@ def fake_quantize(
 ) -> torch.Tensor:
     """Quantize and dequantize in one step: the float values the integer model would compute with.
 
-    Equal to ``dequantize(quantize(x, qp), qp, x.dtype)`` with ``qp = choose_qparams(...)``, without
-    materializing the integer codes.
+    Bit for bit ``dequantize(quantize(x, qp), qp, x.dtype)`` with ``qp = choose_qparams(x, ...)``.
+
+    Args:
+        x: float tensor of any shape; not modified.
+        n_bits, symmetric, granularity: as for :func:`choose_qparams`.
 
     Returns:
         a tensor of ``x``'s shape and dtype.
     """
     qparams = choose_qparams(x, n_bits, symmetric=symmetric, granularity=granularity)
-    return _dequantize_float_codes_(_float_codes(x, qparams), qparams).to(x.dtype)
+    # dequantize(quantize(x)) without the integer tensor in between (half the memory traffic):
+    # the codes stay in one float32 tensor, where they are exact integers, and are scaled back.
+    g = qparams.granularity
+    xg, scale = g.broadcast(x.detach(), qparams.scale)
+    zero_point = g.broadcast(x, qparams.zero_point)[1]
+    x_hat = torch.div(xg.float(), scale).round_()
+    x_hat.add_(zero_point).clamp_(qparams.qmin, qparams.qmax).sub_(zero_point).mul_(scale)
+    return x_hat.reshape(x.shape).to(x.dtype)
