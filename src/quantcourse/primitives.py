@@ -16,9 +16,10 @@ Asymmetric (zero-point), with the range widened to contain 0 so that 0 is exact:
 and in both cases ``dequantize(q) = (q - zero_point) * scale``. ``round`` is torch's
 round-half-to-even, as in optimum-quanto and ``torch.fake_quantize_per_*_affine``.
 
-Worked example (chapter 2): asymmetric int8 on ``[-1, 1]`` has ``scale = 2/255`` and
-``zero_point = 128``; 0.5 is 63.75 steps from 0, rounds to 64 steps (code 192) and comes back
-as ``64 * 2/255 = 0.50196``.
+Worked example (chapter 2): asymmetric int8 on ``[-1, 1]`` has ``scale = 2/255``; 0.5 is
+63.75 steps from 0, rounds to 64 steps and comes back as ``64 * 2/255 = 0.50196``. The zero
+point, ``round(1 / scale) = round(127.5)``, is 127 and not 128: in float32, 2/255 rounds up, so
+``1 / scale`` is 127.49999. The code of 0.5 is then 127 + 64 = 191.
 
 ``x / scale`` is a true division, as optimum-quanto computes it (our int8 codes equal its codes
 bit for bit). torch's ``fake_quantize_per_*_affine`` multiplies by a rounded reciprocal
