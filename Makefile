@@ -17,7 +17,7 @@ PYTEST_WORKERS ?= 2
 # The book's notebooks execute in parallel into jupyter-book's cache first (.ci/execute_book.py), then the
 # build renders them from it: each notebook runs once per change, not once per build.
 BOOK_CACHE := _build/.jupyter_cache
-BOOK_TIMEOUT := 600
+BOOK_TIMEOUT := 1200
 STAMP := $(VENV)/.quantcourse-setup-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
 # Triton runs through its interpreter unless a CUDA GPU is present (TRITON_INTERPRET from the caller wins).
