@@ -12,12 +12,12 @@ from .base import FORMATS, BlockFormat, get_format
 from .kquants import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, pack_scale_min_k4, unpack_scale_min_k4
 from .legacy import Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
 from .mixtures import MIXTURES, TensorChoice, plan_mixture, tensor_type, use_more_bits
-from .writer import ExportResult, export_gguf, gguf_state_dict, load_gguf_weights, permute_qk, unpermute_qk
+from .writer import ExportResult, dequantized_model, export_gguf, gguf_state_dict, load_gguf_weights, permute_qk, unpermute_qk
 
 __all__ = [
     "quantize", "dequantize", "bits_per_weight", "FORMATS", "BlockFormat", "get_format",
     "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
     "pack_scale_min_k4", "unpack_scale_min_k4",
     "MIXTURES", "TensorChoice", "plan_mixture", "tensor_type", "use_more_bits",
-    "ExportResult", "export_gguf", "gguf_state_dict", "load_gguf_weights", "permute_qk", "unpermute_qk",
+    "ExportResult", "dequantized_model", "export_gguf", "gguf_state_dict", "load_gguf_weights", "permute_qk", "unpermute_qk",
 ]

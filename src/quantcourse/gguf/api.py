@@ -60,7 +60,9 @@ def dequantize(data: np.ndarray | torch.Tensor, qtype: str | GGMLQuantizationTyp
         float32 tensor of ``shape``.
     """
     fmt = get_format(qtype)
-    raw = torch.as_tensor(np.ascontiguousarray(data)) if not isinstance(data, torch.Tensor) else data
+    if not isinstance(data, torch.Tensor) and np.asarray(data).dtype != np.uint8:
+        raise TypeError(f"data must be uint8 bytes, got {np.asarray(data).dtype}")
+    raw = data if isinstance(data, torch.Tensor) else torch.from_numpy(np.array(data, dtype=np.uint8))  # a writable copy
     if raw.dtype != torch.uint8:
         raise TypeError(f"data must be uint8 bytes, got {raw.dtype}")
     rows, cols = shape

@@ -22,7 +22,9 @@ from tqdm.auto import tqdm
 from .api import dequantize, quantize
 from .mixtures import MIXTURES, TensorChoice, plan_mixture
 
-__all__ = ["ExportResult", "export_gguf", "gguf_state_dict", "permute_qk", "unpermute_qk", "load_gguf_weights"]
+__all__ = [
+    "ExportResult", "export_gguf", "gguf_state_dict", "permute_qk", "unpermute_qk", "load_gguf_weights", "dequantized_model",
+]
 
 
 @dataclass(frozen=True)
@@ -204,4 +206,30 @@ def load_gguf_weights(path: str | os.PathLike) -> dict[str, tuple[str, torch.Ten
             rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
             values = dequantize(np.asarray(t.data), kind, (rows, shape[-1])).reshape(shape)
         out[t.name] = (kind, values)
+    return out
+
+
+def dequantized_model(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
+    """A copy of ``model`` whose weights are those of the ``.gguf`` file, dequantized (q/k un-permuted).
+
+    This is how chapter 11 measures a mixture's perplexity: the exact weights llama.cpp would use,
+    run in PyTorch. ``model`` itself is not modified.
+    """
+    import copy
+
+    cfg = model.config
+    out = copy.deepcopy(model)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    weights = load_gguf_weights(path)
+    state = out.state_dict()
+    for hf_name in state:
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name not in weights:  # a tied lm_head shares token_embd
+            name = "token_embd.weight"
+        t = weights[name][1]
+        if name.endswith("attn_q.weight"):
+            t = unpermute_qk(t, cfg.num_attention_heads)
+        elif name.endswith("attn_k.weight"):
+            t = unpermute_qk(t, cfg.num_key_value_heads)
+        state[hf_name].copy_(t.reshape(state[hf_name].shape))
     return out
