@@ -102,7 +102,7 @@ def test_static_needs_qparams():
 
 
 @pytest.mark.slow
-def test_course_model_w8a8_static_close_to_float():
+def test_course_model_dynamic_w8a8_close_to_float_and_better_than_static():
     from quantcourse import data
     from quantcourse.evaluate import perplexity
     from quantcourse.models import load_model
@@ -111,6 +111,10 @@ def test_course_model_w8a8_static_close_to_float():
     calib = data.calibration_samples(tok, 4, 128, seed=0).split(2)
     tokens = data.eval_tokens(tok)
     base = perplexity(model, tokens, seq_len=256, n_windows=2)
-    quantize_model_w_a(model, calib, w_bits=8, a_bits=8, observer="percentile", progress=False)
-    q = perplexity(model, tokens, seq_len=256, n_windows=2)
-    assert base < q < 1.5 * base
+    quantize_model_w_a(model, w_bits=8, a_bits=8, dynamic=True)
+    dynamic = perplexity(model, tokens, seq_len=256, n_windows=2)
+    restore_float_linears(model)
+    quantize_model_w_a(model, calib, w_bits=8, a_bits=8, observer="minmax", progress=False)
+    static = perplexity(model, tokens, seq_len=256, n_windows=2)
+    # per-tensor static int8 activations suffer from this model's massive activations (chapter 4)
+    assert base < dynamic < 1.1 * base < static
