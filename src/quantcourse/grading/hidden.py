@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import types
 from typing import Iterator
 
 import torch
@@ -37,22 +38,50 @@ def _resolve(target: str) -> tuple[object, str]:
     return importlib.import_module(module_name), attr
 
 
+def _message(target: str) -> str:
+    return f"this exercise asks you to write it yourself: calling {target} does not count"
+
+
+def _raising_code(message: str) -> types.CodeType:
+    """A code object that raises ``AssertionError(message)``, to put inside a forbidden function.
+
+    It names only builtins, so it runs in any module's globals.
+    """
+
+    def blocked(*args, **kwargs):
+        raise AssertionError("__MESSAGE__")
+
+    code = blocked.__code__
+    return code.replace(co_consts=tuple(message if c == "__MESSAGE__" else c for c in code.co_consts))
+
+
 @contextlib.contextmanager
 def forbid(*targets: str) -> Iterator[None]:
-    """Inside the block, calling any of ``targets`` (dotted paths) raises :class:`ShortcutUsed`."""
-    saved = []
+    """Inside the block, calling any of ``targets`` (dotted paths) fails the test.
+
+    The attribute is replaced (calls through ``quantcourse.X`` raise :class:`ShortcutUsed`) and, for
+    plain Python functions, so is the function's own code, so that an alias bound earlier
+    (``from quantcourse.memory import model_bytes as mb``) is caught too.
+    """
+    saved_attrs, saved_code = [], []
     try:
         for target in targets:
             owner, attr = _resolve(target)
-            saved.append((owner, attr, getattr(owner, attr)))
+            original = getattr(owner, attr)
+            saved_attrs.append((owner, attr, original))
+            if isinstance(original, types.FunctionType) and not original.__code__.co_freevars:
+                saved_code.append((original, original.__code__))
+                original.__code__ = _raising_code(_message(target))
 
             def blocked(*args, _name=target, **kwargs):
-                raise ShortcutUsed(f"this exercise asks you to write it yourself: calling {_name} does not count")
+                raise ShortcutUsed(_message(_name))
 
             setattr(owner, attr, blocked)
         yield
     finally:
-        for owner, attr, original in reversed(saved):
+        for function, code in reversed(saved_code):
+            function.__code__ = code
+        for owner, attr, original in reversed(saved_attrs):
             setattr(owner, attr, original)
 
 

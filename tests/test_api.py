@@ -1,0 +1,27 @@
+"""The curated public API: every exported name exists and is documented; import stays light."""
+
+import subprocess
+import sys
+
+import quantcourse as qc
+
+
+def test_every_public_name_resolves_and_is_documented():
+    for name in qc.__all__:
+        obj = getattr(qc, name)
+        assert obj.__doc__ and obj.__doc__.strip(), f"quantcourse.{name} has no docstring"
+
+
+def test_unknown_attribute_raises_attribute_error():
+    try:
+        qc.no_such_thing  # noqa: B018
+    except AttributeError as e:
+        assert "no_such_thing" in str(e)
+    else:
+        raise AssertionError("expected AttributeError")
+
+
+def test_import_needs_neither_transformers_nor_triton():
+    code = "import sys, quantcourse; print('transformers' in sys.modules, 'triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
