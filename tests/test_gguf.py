@@ -251,3 +251,79 @@ def test_error_dequantize_shape_not_multiple():
 
 def test_gguf_py_version_has_k_quant_dequantizers():
     assert hasattr(gguf, "GGUFWriter") and GGMLQuantizationType.Q6_K in gq._type_traits
+
+
+# ---------------------------------------------------------------- importance matrix (quantize_row_q*_K_impl)
+
+IMATRIX = ["Q4_K", "Q5_K", "Q6_K"]
+
+
+@pytest.mark.parametrize("name", IMATRIX)
+def test_imatrix_bytes_equal_llama_cpp(golden, name):
+    im = torch.from_numpy(golden["imatrix"])
+    for key, suffix in (("x", ""), ("x_random", "_random")):
+        got = qg.quantize(torch.from_numpy(golden[key]), name, imatrix=im)
+        np.testing.assert_array_equal(got, golden[f"{name}_imatrix{suffix}"], err_msg=f"{name} {key}")
+
+
+@pytest.mark.parametrize("name", IMATRIX)
+def test_imatrix_fresh_inputs_when_library_present(name):
+    cq = _cref()
+    if cq is None:
+        pytest.skip("llama.cpp's libggml-base.so not available")
+    gen = torch.Generator().manual_seed(99)
+    x = torch.randn(8, 768, generator=gen) / torch.randn(8, 768, generator=gen).abs().clamp(min=0.05)
+    im = torch.rand(768, generator=gen) ** 2
+    np.testing.assert_array_equal(qg.quantize(x, name, imatrix=im), cq.quantize(x.numpy(), name, im.numpy()))
+
+
+def test_imatrix_changes_the_choice_and_helps_important_columns():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 256, generator=gen)
+    im = torch.ones(256)
+    im[:32] = 100.0  # the first 32 input columns matter 100x more
+    plain = qg.dequantize(qg.quantize(x, "Q4_K"), "Q4_K", x.shape)
+    weighted = qg.dequantize(qg.quantize(x, "Q4_K", imatrix=im), "Q4_K", x.shape)
+    err = lambda y: ((y - x).pow(2) * im).sum().item()  # noqa: E731
+    assert err(weighted) < err(plain)
+
+
+def test_error_imatrix_unsupported_format():
+    with pytest.raises(ValueError, match="importance matrix is supported"):
+        qg.quantize(torch.zeros(1, 32), "Q4_0", imatrix=torch.ones(32))
+
+
+def test_error_imatrix_wrong_shape():
+    with pytest.raises(ValueError, match="one weight per input column"):
+        qg.quantize(torch.zeros(1, 256), "Q4_K", imatrix=torch.ones(128))
+
+
+def test_error_imatrix_negative():
+    with pytest.raises(ValueError, match="non-negative"):
+        qg.quantize(torch.zeros(1, 256), "Q4_K", imatrix=-torch.ones(256))
+
+
+def test_compute_imatrix_is_mean_square_of_linear_inputs():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    tokens = torch.randint(0, 100, (3, 10))
+    im = qg.compute_imatrix(model, tokens, progress=False)
+    assert set(im) >= {"blk.0.attn_q.weight", "blk.1.ffn_down.weight", "output.weight"}
+    seen = []
+    h = model.model.layers[1].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(i[0].reshape(-1, 64)))
+    with torch.no_grad():
+        for row in tokens:
+            model(row[None])
+    h.remove()
+    X = torch.cat(seen)
+    torch.testing.assert_close(im["blk.1.ffn_down.weight"], (X * X).mean(0))
+    assert im["blk.0.attn_k.weight"].shape == (32,)
+
+
+def test_error_compute_imatrix_tokens():
+    with pytest.raises(ValueError, match="int64"):
+        qg.compute_imatrix(torch.nn.Linear(2, 2), torch.zeros(2, 3))

@@ -30,13 +30,31 @@ def _check_matrix(x: torch.Tensor, fmt: type[BlockFormat]) -> None:
         raise ValueError("x contains NaN or Inf; llama.cpp refuses such weights, and so do we")
 
 
-def quantize(x: torch.Tensor, qtype: str | GGMLQuantizationType, *, chunk_blocks: int = 8192) -> np.ndarray:
+IMATRIX_FORMATS = ("Q4_K", "Q5_K", "Q6_K")
+
+
+def _check_imatrix(imatrix: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    if name not in IMATRIX_FORMATS:
+        raise ValueError(f"an importance matrix is supported for {IMATRIX_FORMATS}, not {name}")
+    if not isinstance(imatrix, torch.Tensor) or imatrix.dtype != torch.float32 or imatrix.shape != (x.shape[1],):
+        raise ValueError(f"imatrix must be a float32 tensor of shape ({x.shape[1]},), one weight per input column")
+    if not torch.isfinite(imatrix).all() or (imatrix < 0).any():
+        raise ValueError("imatrix must hold finite, non-negative values (mean squared activations)")
+    return imatrix
+
+
+def quantize(
+    x: torch.Tensor, qtype: str | GGMLQuantizationType, *, imatrix: torch.Tensor | None = None, chunk_blocks: int = 8192
+) -> np.ndarray:
     """Quantize a float32 matrix to llama.cpp's bytes for ``qtype``, byte-identical to ``ggml_quantize_chunk``
     without an importance matrix.
 
     Args:
         x: float32 ``[rows, cols]``; ``cols`` a multiple of the format's block size (32 or 256). Not modified.
         qtype: gguf-py name (``"Q4_K"``) or a ``gguf.GGMLQuantizationType``.
+        imatrix: optional float32 ``[cols]`` importance of each input column (mean x² of the
+            activations, :func:`~quantcourse.gguf.imatrix.compute_imatrix`); llama.cpp then uses
+            ``quantize_row_q*_K_impl``. Supported for Q4_K, Q5_K and Q6_K.
         chunk_blocks: blocks processed per vectorized step (a memory/cache knob; the bytes do not depend on it).
     Returns:
         uint8 numpy array ``[rows, cols // block_size * type_size]``, the rows as a GGUF file stores them.
@@ -44,7 +62,11 @@ def quantize(x: torch.Tensor, qtype: str | GGMLQuantizationType, *, chunk_blocks
     fmt = get_format(qtype)
     _check_matrix(x, fmt)
     blocks = x.detach().reshape(-1, fmt.block_size)
-    parts = [fmt.quantize_blocks(chunk) for chunk in torch.split(blocks, chunk_blocks)] if len(blocks) else []
+    if imatrix is None:
+        parts = [fmt.quantize_blocks(chunk) for chunk in torch.split(blocks, chunk_blocks)] if len(blocks) else []
+    else:
+        qw = _check_imatrix(imatrix, x, fmt.name).detach().repeat(x.shape[0]).reshape(-1, fmt.block_size)
+        parts = [fmt.quantize_blocks(c, imatrix=w) for c, w in zip(torch.split(blocks, chunk_blocks), torch.split(qw, chunk_blocks))]
     out = torch.cat(parts) if parts else torch.empty((0, fmt.type_size), dtype=torch.uint8)
     return out.reshape(x.shape[0], -1).cpu().numpy()
 

@@ -16,7 +16,7 @@ import torch
 
 from .base import BlockFormat, half_from_bytes, split_bytes
 from .cfloat import div, fp16_bits, fp16_round, first_absmax, nearest_int, positive_max, seq_sum, sqrtf
-from .search import GROUP_MAX_EPS, make_q3_quants, make_qkx2_quants, make_qx_quants
+from .search import GROUP_MAX_EPS, make_q3_quants, make_qkx2_quants, make_qp_quants, make_qx_quants
 
 __all__ = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "pack_scale_min_k4", "unpack_scale_min_k4"]
 
@@ -100,7 +100,8 @@ class _AsymmetricK(BlockFormat):
     nstep: int
 
     @classmethod
-    def _codes(cls, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _codes(cls, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``quantize_row_q{4,5}_K_ref``: header bytes ``[B, 16]`` and codes ``[B, 256]``."""
         B = blocks.shape[0]
         x = _to_positions(blocks, 32)  # [32, B*8]
         av_x = sqrtf(seq_sum(x * x) / 32)
@@ -112,12 +113,38 @@ class _AsymmetricK(BlockFormat):
         inv_min = torch.where(max_min > 0, div(63.0, max_min), torch.zeros_like(max_min))
         ls = (nearest_int(inv_scale[:, None] * scales) & 0xFF).clamp(max=63)  # (uint8_t) then MIN(63, .)
         lm = (nearest_int(inv_min[:, None] * mins) & 0xFF).clamp(max=63)
-        d, dmin = max_scale / 63, max_min / 63
+        return cls._finish(blocks, res.L, ls, lm, max_scale / 63, max_min / 63)
+
+    @classmethod
+    def _finish(cls, blocks, L_search, ls, lm, d, dmin) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pack the 6-bit scales, store d/dmin as halves, re-quantize every weight with the stored scales."""
+        B = blocks.shape[0]
+        packed = pack_scale_min_k4(ls, lm)
+        sc, m = unpack_scale_min_k4(packed)  # what the file holds (differs from ls/lm only if they exceed 63)
         L = _requantize(
-            blocks.reshape(B, 8, 32), fp16_round(d)[:, None] * ls, fp16_round(dmin)[:, None] * lm,
-            _from_positions(res.L, B).reshape(B, 8, 32), cls.nmax,
+            blocks.reshape(B, 8, 32), fp16_round(d)[:, None] * sc, fp16_round(dmin)[:, None] * m,
+            _from_positions(L_search, B).reshape(B, 8, 32), cls.nmax,
         ).reshape(B, QK_K)
-        return torch.cat([fp16_bits(d), fp16_bits(dmin), pack_scale_min_k4(ls, lm)], dim=1), L
+        return torch.cat([fp16_bits(d), fp16_bits(dmin), packed], dim=1), L
+
+    @classmethod
+    def _codes_imatrix(cls, blocks: torch.Tensor, qw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``quantize_row_q{4,5}_K_impl`` with an importance matrix ``qw`` (float32 ``[B, 256]``)."""
+        B = blocks.shape[0]
+        xt = _to_positions(blocks, QK_K)
+        sigma2 = 2 * seq_sum(xt * xt) / QK_K  # [B]
+        x = _to_positions(blocks, 32)  # [32, B*8]
+        sig = sigma2.repeat_interleave(8)
+        w = _to_positions(qw, 32) * sqrtf(sig + x * x)
+        sw = seq_sum(w)  # [B*8]
+        res = make_qkx2_quants(x, w, nmax=cls.nmax, rmin=-0.9, rdelta=0.05, nstep=36, use_mad=False)  # = make_qkx3_quants
+        sw8 = sw.reshape(B, 8).T.contiguous()
+        d = make_qp_quants(res.scale.reshape(B, 8).T.contiguous(), sw8, nmax=63)
+        m = make_qp_quants(res.min.reshape(B, 8).T.contiguous(), sw8, nmax=63)
+        ls, lm = d.L.T, m.L.T
+        if cls.name == "Q5_K":  # the Q5_K code clamps the packed values, the Q4_K code does not
+            ls, lm = ls.clamp(max=63), lm.clamp(max=63)
+        return cls._finish(blocks, res.L, ls, lm, d.scale, m.scale)
 
     @classmethod
     def _scales(cls, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,8 +174,8 @@ class Q4_K(_AsymmetricK):
     nmax, rmin, nstep = 15, -1.0, 20
 
     @classmethod
-    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
-        head, L = cls._codes(blocks)
+    def quantize_blocks(cls, blocks: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+        head, L = cls._codes(blocks) if imatrix is None else cls._codes_imatrix(blocks, imatrix)
         return torch.cat([head, _pack_4bit_64(L)], dim=1)
 
     @classmethod
@@ -177,8 +204,8 @@ class Q5_K(_AsymmetricK):
     nmax, rmin, nstep = 31, -0.5, 15
 
     @classmethod
-    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
-        head, L = cls._codes(blocks)
+    def quantize_blocks(cls, blocks: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+        head, L = cls._codes(blocks) if imatrix is None else cls._codes_imatrix(blocks, imatrix)
         hi = ((L >> 4) & 1).reshape(-1, 8, 32) << torch.arange(8).reshape(1, 8, 1)
         qh = hi.sum(dim=1).to(torch.uint8)  # [B, 32]
         return torch.cat([head, qh, _pack_4bit_64(L)], dim=1)
@@ -323,9 +350,10 @@ class Q6_K(BlockFormat):
     name = "Q6_K"
 
     @classmethod
-    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(cls, blocks: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
         B = blocks.shape[0]
-        res = make_qx_quants(_to_positions(blocks, 16), nmax=32)
+        w = None if imatrix is None else _to_positions(imatrix, 16)  # quantize_row_q6_K_impl: weights = imatrix
+        res = make_qx_quants(_to_positions(blocks, 16), nmax=32, w=w)
         scales = res.scale.reshape(B, 16)
         max_scale = first_absmax(scales, 1)
         zero = max_scale.abs() < GROUP_MAX_EPS

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .cfloat import div, first_absmax, nearest_int, recip, seq_sum
+from .cfloat import div, first_absmax, nearest_int, positive_max, recip, seq_sum
 
-__all__ = ["SearchResult", "make_qkx2_quants", "make_qx_quants", "make_q3_quants"]
+__all__ = ["SearchResult", "make_qkx2_quants", "make_qx_quants", "make_q3_quants", "make_qp_quants"]
 
 GROUP_MAX_EPS = 1e-15
 
@@ -188,4 +188,58 @@ def make_q3_quants(x: torch.Tensor, *, nmax: int = 4, n_passes: int = 5) -> Sear
         scale=torch.where(zero, torch.zeros_like(scale), scale),
         min=torch.zeros_like(scale),
         L=torch.where(zero, torch.zeros_like(L), L + nmax),
+    )
+
+
+def make_qp_quants(x: torch.Tensor, w: torch.Tensor, *, nmax: int, n_passes: int = 5) -> SearchResult:
+    """Scale search for non-negative values (``make_qp_quants``), used to quantize the sub-block
+    scales and mins of a super-block when an importance matrix is given.
+
+    ``iscale = nmax / max``, then 8 more candidates ``(nmax + 0.1·is) / max`` (``is = ±1..±4``) by
+    weighted squared error, then up to ``n_passes`` coordinate-descent passes as in
+    :func:`make_q3_quants` (codes 0..nmax, stored as ``uint8_t``).
+
+    Args:
+        x, w: float32 ``[n, B]`` values (≥ 0) and weights.
+    Returns:
+        :class:`SearchResult` (``L`` int32 codes).
+    """
+    mx = positive_max(x, 0)
+    zero = mx < GROUP_MAX_EPS
+    wx = w * x
+
+    def mse(scale, L):
+        diff = x - scale * L.to(torch.float32)
+        return seq_sum(w * diff * diff)
+
+    iscale = div(float(nmax), mx)
+    L0 = nearest_int(iscale * x) & 0xFF
+    best = mse(recip(iscale), L0)
+    for step in [s for s in range(-4, 5) if s != 0]:
+        cand = div(_f32(_f32(_f32(0.1) * step) + nmax), mx)
+        err = mse(recip(cand), nearest_int(cand * x).clamp(max=nmax))
+        better = err < best
+        best = torch.where(better, err, best)
+        iscale = torch.where(better, cand, iscale)
+    L = nearest_int(iscale * x).clamp(max=nmax) & 0xFF
+    lf = L.to(torch.float32)
+    sumlx, suml2 = seq_sum(wx * lf), seq_sum(w * lf * lf)
+    for _ in range(n_passes):
+        for i in range(x.shape[0]):
+            Li = L[i].to(torch.float32)
+            slx = sumlx - wx[i] * Li
+            sl2 = suml2 - w[i] * Li * Li
+            new_l = nearest_int(x[i] * sl2 / slx).clamp(max=nmax)
+            nf = new_l.to(torch.float32)
+            slx2 = slx + wx[i] * nf
+            sl22 = sl2 + w[i] * nf * nf
+            take = (slx > 0) & (sl2 > 0) & (new_l != L[i]) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            L[i] = torch.where(take, new_l & 0xFF, L[i])
+            sumlx = torch.where(take, slx2, sumlx)
+            suml2 = torch.where(take, sl22, suml2)
+    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
+    return SearchResult(
+        scale=torch.where(zero, torch.zeros_like(scale), scale),
+        min=torch.zeros_like(scale),
+        L=torch.where(zero, torch.zeros_like(L), L),
     )

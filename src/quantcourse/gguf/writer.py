@@ -144,6 +144,7 @@ def export_gguf(
     *,
     tokenizer_pre: str = "default",
     name: str = "quantcourse export",
+    imatrix: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
 ) -> ExportResult:
     """Write ``model`` as a llama.cpp ``.gguf`` file quantized with ``mixture``.
@@ -156,6 +157,9 @@ def export_gguf(
             tensor's type follows llama.cpp's rules (:func:`~quantcourse.gguf.mixtures.plan_mixture`).
         tokenizer_pre: llama.cpp's pre-tokenizer name (``tokenizer.ggml.pre``; ``"smollm"`` for the course model).
         name: ``general.name``.
+        imatrix: optional GGUF name -> importance vector (:func:`~quantcourse.gguf.compute_imatrix`), used
+            for the tensors stored as Q4_K, Q5_K or Q6_K (llama.cpp also uses it for the legacy types;
+            here those are quantized without it).
         progress: show a tqdm bar over tensors.
     Returns:
         :class:`ExportResult`.
@@ -178,7 +182,8 @@ def export_gguf(
             data = t.to(torch.float16).numpy()
             w.add_tensor(tname, data)
         else:
-            data = quantize(t, qtype)
+            im = imatrix.get(tname) if imatrix is not None and qtype in ("Q4_K", "Q5_K", "Q6_K") else None
+            data = quantize(t, qtype, imatrix=im)
             w.add_tensor(tname, data, raw_dtype=gguf.GGMLQuantizationType[qtype])
         tensor_bytes += data.nbytes
     w.write_header_to_file()

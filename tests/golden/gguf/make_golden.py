@@ -8,7 +8,8 @@ Run once, by hand (CI never builds llama.cpp)::
 
 It writes ``golden.npz`` beside itself: the float32 inputs (``x``: hand-picked hard rows;
 ``x_random``: seeded normal rows) and, for each of the ten formats, the bytes that
-``ggml_quantize_chunk`` (no importance matrix) returns, plus the library's version and commit.
+``ggml_quantize_chunk`` returns without an importance matrix and, for Q4_K, Q5_K and Q6_K, with the
+fixed ``imatrix`` stored alongside, plus the library's version and commit.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cref import CQuantizer, find_libggml  # noqa: E402
 
 FORMATS = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+IMATRIX_FORMATS = ["Q4_K", "Q5_K", "Q6_K"]
 COLS = 512  # two K-quant super-blocks, sixteen 32-blocks
 
 
@@ -84,6 +86,13 @@ def main() -> None:
     for name in FORMATS:
         out[name] = cq.quantize(x, name)
         out[f"{name}_random"] = cq.quantize(x_random, name)
+    # importance-matrix variants (quantize_row_q*_K_impl): one fixed, seeded imatrix for every row
+    imatrix = (rng.random(COLS) ** 3 * 10).astype(np.float32)
+    imatrix[:7] = 0.0  # zero importance must not break anything
+    out["imatrix"] = imatrix
+    for name in IMATRIX_FORMATS:
+        out[f"{name}_imatrix"] = cq.quantize(x, name, imatrix)
+        out[f"{name}_imatrix_random"] = cq.quantize(x_random, name, imatrix)
     try:
         from importlib.metadata import version
 
@@ -91,7 +100,7 @@ def main() -> None:
     except Exception:  # the script may run in another environment than the package
         llama_cpp_python = os.environ.get("LLAMA_CPP_PYTHON_VERSION", "unknown")
     meta = {"ggml_version": cq.version, "ggml_commit": cq.commit, "llama_cpp_python": llama_cpp_python,
-            "function": "ggml_quantize_chunk(type, x, dst, 0, rows, cols, imatrix=NULL)"}
+            "function": "ggml_quantize_chunk(type, x, dst, 0, rows, cols, imatrix=NULL or the stored imatrix)"}
     out["meta"] = np.array(json.dumps(meta))
     np.savez_compressed(os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden.npz"), **out)
     print(json.dumps(meta), {k: v.shape for k, v in out.items() if k not in ("meta",)})

@@ -1,0 +1,55 @@
+"""The importance matrix (imatrix) of llama.cpp, computed from the course text.
+
+Chapter 11 (GGUF). llama.cpp's ``llama-imatrix`` tool runs calibration text through the model and,
+for every matrix multiplied by activations, accumulates the squares of its input activations per
+input column; it stores the mean over tokens, ``imatrix[j] = Σ_t x_tj² / T``. Given that vector,
+``quantize_row_q*_K_impl`` weights each weight's error by it (see :func:`quantcourse.gguf.quantize`).
+Here the statistics are gathered with forward hooks on the ``nn.Linear`` layers.
+"""
+
+from __future__ import annotations
+
+import gguf
+import torch
+from tqdm.auto import tqdm
+
+from ..surgery import find_linears
+
+__all__ = ["compute_imatrix"]
+
+
+@torch.no_grad()
+def compute_imatrix(model: torch.nn.Module, tokens: torch.Tensor, *, include_head: bool = True, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Mean squared input activation per input column of every linear layer.
+
+    Args:
+        model: a transformers Llama-family causal LM. Not modified (hooks are removed afterwards).
+        tokens: int64 ``[n_samples, seq_len]`` calibration sequences (``quantcourse.data.calibration_samples``).
+        include_head: also collect the output projection's input (llama.cpp does).
+    Returns:
+        GGUF tensor name (``blk.N.attn_q.weight``; ``output.weight`` for the head) -> float32 ``[in_features]``.
+    """
+    if tokens.dtype != torch.int64 or tokens.ndim != 2:
+        raise ValueError(f"tokens must be int64 [n_samples, seq_len], got {tokens.dtype} {tuple(tokens.shape)}")
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def fn(module, inputs, output):
+            X = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float32)  # [tokens, in]
+            sums[name] = sums.get(name, 0) + (X * X).sum(dim=0)
+            counts[name] = counts.get(name, 0) + X.shape[0]
+        return fn
+
+    handles = []
+    for hf_name, lin in find_linears(model, include_head=include_head).items():
+        gname = names.get_name(hf_name + ".weight", try_suffixes=(".weight",)) or hf_name
+        handles.append(lin.register_forward_hook(hook(gname)))
+    try:
+        for row in tqdm(tokens, desc="imatrix", disable=not progress):
+            model(row[None])
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: (sums[name] / counts[name]).to(torch.float32) for name in sums}
