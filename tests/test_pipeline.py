@@ -2,30 +2,19 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig
-from transformers.utils import logging as hf_logging
+from tiny_models import TINY_MODELS, VOCAB, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 from quantcourse import gptq, pipeline, surgery
 
-hf_logging.set_verbosity_error()
-
-CONFIGS = {
-    "llama": lambda: LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
-    "opt": lambda: OPTConfig(vocab_size=96, hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
-                             max_position_embeddings=64, word_embed_proj_dim=64),
-    "gpt2": lambda: GPT2Config(vocab_size=96, n_embd=64, n_layer=3, n_head=4, n_positions=64,
-                               bos_token_id=0, eos_token_id=0),
-}
+CONFIGS = TINY_MODELS  # llama, opt, gpt2: 2 blocks, hidden 32
 
 
 def tiny(kind):
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(CONFIGS[kind]()).eval().requires_grad_(False)
+    return TINY_MODELS[kind]().requires_grad_(False)
 
 
 def calib(n=6, seq=24):
-    return torch.randint(0, 96, (n, seq), generator=torch.Generator().manual_seed(1))
+    return torch.randint(0, VOCAB, (n, seq), generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("kind", CONFIGS)
@@ -36,7 +25,7 @@ def test_blocks_see_the_model_hidden_states_when_nothing_changes(kind):
                            batch_size=4, progress=False)
     with torch.no_grad():
         hidden = model(calib(), output_hidden_states=True).hidden_states
-    assert len(seen) == 3
+    assert len(seen) == len(surgery.decoder_blocks(model))
     for i, x in enumerate(seen):
         assert torch.allclose(x, hidden[i], atol=1e-5), i
 
@@ -116,7 +105,7 @@ def test_rtn_needs_no_data_and_runs_no_forward():
     model = tiny("llama")
     model.forward = None  # any forward pass would fail
     result = gptq.quantize_model(model, None, n_bits=4, group_size=32, method="rtn", progress=False)
-    assert len(result.layers) == 3 * 7
+    assert len(result.layers) == len(surgery.find_linears(model)) == 2 * 7
 
 
 def test_capture_records_hidden_states_and_keyword_arguments():
