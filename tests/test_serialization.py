@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tiny_models import one_thread  # noqa: F401  (autouse fixture)
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 from transformers.utils import logging as hf_logging
 
