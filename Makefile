@@ -23,6 +23,11 @@ STAMP := $(VENV)/.quantcourse-setup-$(shell cksum < pyproject.toml | cut -d' ' -
 # Triton runs through its interpreter unless a CUDA GPU is present (TRITON_INTERPRET from the caller wins).
 # Evaluated once, after set-up, when the first recipe that needs it runs.
 CUDA_AVAILABLE = $(eval CUDA_AVAILABLE := $(shell $(PY) -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null))$(CUDA_AVAILABLE)
+# Test runs and the book build run two processes side by side on 2 cores (pytest -n 2, two kernels):
+# one BLAS/OpenMP thread each avoids oversubscription, which slows small tensor ops by 10x or more.
+OMP_NUM_THREADS ?= 1
+export OMP_NUM_THREADS
+
 ifdef TRITON_INTERPRET
 RUN_ENV = PATH="$(abspath $(BIN)):$$PATH" TRITON_INTERPRET=$(TRITON_INTERPRET)
 else

@@ -133,9 +133,6 @@ def test_course_model_perplexity(course_model):
 
     model, tokenizer = load_model()
     ppl = evaluate.perplexity(model, data.eval_tokens(tokenizer), seq_len=512, n_windows=8)
-    text_id = hashlib.sha256(data.course_text().encode()).hexdigest()[:16]
-    if text_id == "55f2a26a44b7cc28":
-        # the pydoc text of CPython 3.11.7, paragraphs deduplicated (see quantcourse.data); measured 13.34
-        assert ppl == pytest.approx(13.34, abs=0.05)
-    else:  # other CPython releases ship slightly different documentation (3.11.2 gives 13.72)
-        assert 10 < ppl < 18
+    # the shipped snapshot of CPython 3.11.7's pydoc text, paragraphs deduplicated (see quantcourse.data)
+    assert hashlib.sha256(data.course_text().encode()).hexdigest()[:16] == "55f2a26a44b7cc28"
+    assert ppl == pytest.approx(13.34, abs=0.05)

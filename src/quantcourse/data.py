@@ -1,9 +1,9 @@
 """The course text: calibration and held-out evaluation tokens.
 
-Offline (the default) the text is Python's own documentation, ``pydoc_data.topics``: it ships
-with every CPython, so every reader with the same Python minor version gets the same text
-(~110k tokens on Python 3.11; other versions ship slightly different documentation, so their
-numbers differ a little). Its topics are joined in name order, each paragraph kept once (many
+Offline (the default) the text is Python's own documentation, ``pydoc_data.topics``. It ships
+with every CPython, but differs between releases (3.11.2 and 3.11.7 already differ), so the
+package carries a snapshot of it (CPython 3.11.7's, ``resources/pydoc_topics.json.xz``, 90 kB)
+and every reader, on any Python, gets the same ~91k tokens and the same numbers. Its topics are joined in name order, each paragraph kept once (many
 topics repeat whole sections of others, e.g. the ``def`` grammar appears under several topics,
 and without this a fifth of the held-out text would also be in the calibration text), and cut
 at paragraph breaks into chunks of about 4,000 characters; every fifth chunk is held out for
@@ -16,7 +16,10 @@ through the ``datasets`` package, as the papers use.
 
 from __future__ import annotations
 
+import json
+import lzma
 from functools import lru_cache
+from importlib import resources
 from typing import Literal
 
 import torch
@@ -29,10 +32,15 @@ EVAL_EVERY = 5  # every 5th chunk (20 %) is held out
 CHUNK_CHARS = 4000
 
 
+PYDOC_SNAPSHOT = "pydoc_topics.json.xz"
+
+
 @lru_cache(maxsize=None)
 def _pydoc_topics() -> tuple[tuple[str, str], ...]:
-    from pydoc_data.topics import topics
-
+    # The snapshot was written from ``pydoc_data.topics.topics`` (a dict of topic name -> text).
+    snapshot = resources.files("quantcourse.resources").joinpath(PYDOC_SNAPSHOT)
+    with lzma.open(snapshot.open("rb"), "rt", encoding="utf-8") as f:
+        topics = json.load(f)["topics"]
     return tuple(sorted(topics.items()))
 
 
