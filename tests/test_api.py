@@ -25,3 +25,10 @@ def test_import_needs_neither_transformers_nor_triton():
     code = "import sys, quantcourse; print('transformers' in sys.modules, 'triton' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_html_table_formats_and_escapes():
+    from quantcourse.display import html_table
+
+    html = html_table([{"method": "W<4", "ppl": 13.678}], fmt={"ppl": ".2f"})
+    assert "<th>method</th><th>ppl</th>" in html and "<td>W&lt;4</td><td>13.68</td>" in html

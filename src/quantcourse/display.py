@@ -1,0 +1,31 @@
+"""Tables for the book's notebooks: a list of dicts shown as an HTML table."""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any, Sequence
+
+__all__ = ["html_table", "show_table"]
+
+
+def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
+               fmt: dict[str, str] | None = None) -> str:
+    """HTML of ``rows`` (one dict per row); ``fmt`` maps a column to a format spec such as ``".2f"``."""
+    if not rows:
+        raise ValueError("html_table needs at least one row")
+    columns = list(columns if columns is not None else rows[0])
+    fmt = fmt or {}
+    head = "".join(f"<th>{escape(str(c))}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{escape(format(row[c], fmt.get(c, '')))}</td>" for c in columns) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def show_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
+               fmt: dict[str, str] | None = None) -> None:
+    """Display :func:`html_table` in a notebook."""
+    from IPython.display import HTML, display
+
+    display(HTML(html_table(rows, columns, fmt)))
