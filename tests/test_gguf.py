@@ -155,6 +155,20 @@ def test_chunking_does_not_change_bytes():
     np.testing.assert_array_equal(qg.quantize(x, "Q4_K", chunk_blocks=3), qg.quantize(x, "Q4_K"))
 
 
+@pytest.mark.parametrize("name", ["Q2_K", "Q4_K", "Q5_K"])
+def test_fast_rounding_path_equals_exact_c_rounding(monkeypatch, name):
+    """The searches round with torch.round when no code can leave nearest_int's exact range;
+    forcing the C bit trick everywhere must give the same bytes (tiny and huge blocks included)."""
+    from quantcourse.gguf import search
+
+    torch.manual_seed(7)
+    x = torch.distributions.StudentT(2.0).sample((16, 512)) * torch.logspace(-42, 30, 16)[:, None]
+    x[3, :256] = 0.0
+    fast = qg.quantize(x, name)
+    monkeypatch.setattr(search, "_SAFE", 0.0)  # no bound is below 0: always the exact path
+    np.testing.assert_array_equal(qg.quantize(x, name), fast)
+
+
 def test_qtype_enum_accepted():
     x = torch.randn(2, 256)
     np.testing.assert_array_equal(qg.quantize(x, GGMLQuantizationType.Q6_K), qg.quantize(x, "Q6_K"))

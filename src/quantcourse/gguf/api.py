@@ -31,6 +31,7 @@ def _check_matrix(x: torch.Tensor, fmt: type[BlockFormat]) -> None:
 
 
 IMATRIX_FORMATS = ("Q4_K", "Q5_K", "Q6_K")
+CHUNK_WEIGHTS = 2**18
 
 
 def _check_imatrix(imatrix: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -44,7 +45,7 @@ def _check_imatrix(imatrix: torch.Tensor, x: torch.Tensor, name: str) -> torch.T
 
 
 def quantize(
-    x: torch.Tensor, qtype: str | GGMLQuantizationType, *, imatrix: torch.Tensor | None = None, chunk_blocks: int = 8192
+    x: torch.Tensor, qtype: str | GGMLQuantizationType, *, imatrix: torch.Tensor | None = None, chunk_blocks: int | None = None
 ) -> np.ndarray:
     """Quantize a float32 matrix to llama.cpp's bytes for ``qtype``, byte-identical to ``ggml_quantize_chunk``
     without an importance matrix.
@@ -55,13 +56,19 @@ def quantize(
         imatrix: optional float32 ``[cols]`` importance of each input column (mean x² of the
             activations, :func:`~quantcourse.gguf.imatrix.compute_imatrix`); llama.cpp then uses
             ``quantize_row_q*_K_impl``. Supported for Q4_K, Q5_K and Q6_K.
-        chunk_blocks: blocks processed per vectorized step (a memory/cache knob; the bytes do not depend on it).
+        chunk_blocks: blocks processed per vectorized step (a memory/cache knob; the bytes do not depend
+            on it). The default, about 2**18 weights (1 MiB of float32), keeps a search's working
+            tensors in cache; chunks 16 times larger run about half as fast.
     Returns:
         uint8 numpy array ``[rows, cols // block_size * type_size]``, the rows as a GGUF file stores them.
     """
     fmt = get_format(qtype)
     _check_matrix(x, fmt)
     blocks = x.detach().reshape(-1, fmt.block_size)
+    if chunk_blocks is None:
+        chunk_blocks = max(1, CHUNK_WEIGHTS // fmt.block_size)
+    elif isinstance(chunk_blocks, bool) or not isinstance(chunk_blocks, int) or chunk_blocks < 1:
+        raise ValueError(f"chunk_blocks must be a positive int (or None for the default), got {chunk_blocks!r}")
     if imatrix is None:
         parts = [fmt.quantize_blocks(chunk) for chunk in torch.split(blocks, chunk_blocks)] if len(blocks) else []
     else:

@@ -44,18 +44,33 @@ def _f32(v: float) -> float:
     return float(np.float32(v))
 
 
-def _weighted_error(w, x, L, scale, lo, use_mad):
-    diff = scale * L + lo - x  # ((scale*L) + min) - x, as in C
-    return seq_sum(w * (diff.abs() if use_mad else diff * diff))
-
-
 def _codes(f: torch.Tensor, nmax: int) -> torch.Tensor:
-    """``MAX(0, MIN(nmax, nearest_int(f)))`` as float32 codes.
+    """``MAX(0, MIN(nmax, nearest_int(f)))`` as float32 codes, for any ``f``.
 
     The C bit trick is kept on purpose: tiny sub-blocks make ``iscale`` overflow, and then
     ``inf`` and ``NaN`` (from 0·inf) both become code 0 in C, not ``nmax``.
     """
     return nearest_int(f).clamp_(0, nmax).to(torch.float32)
+
+
+_SAFE = 2.0**21  # below 2**22, torch.round (half to even) and nearest_int agree
+
+
+def _grid_codes(x: torch.Tensor, lo: torch.Tensor, iscale: torch.Tensor, spread: torch.Tensor,
+                nmax: int, skip: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``_codes(iscale·(x − lo))`` into ``out`` ``[n, B]``, in three passes over memory instead of seven.
+
+    ``torch.round`` then ``clamp`` equals the C bit trick whenever ``|iscale·(x − lo)| < 2**22``;
+    ``spread`` [B] bounds ``|x − lo|`` so that one small check per call proves it. Sub-blocks in
+    ``skip`` (flat ones, whose result is overwritten) are left out of the check; when any other
+    sub-block might overflow (denormal ranges), the exact bit trick runs instead.
+    """
+    torch.sub(x, lo, out=out).mul_(iscale)
+    bound = iscale.abs() * spread
+    if bool(((bound < _SAFE) | skip).all()):
+        return out.round_().clamp_(0, nmax)
+    out.copy_(_codes(out, nmax))
+    return out
 
 
 def make_qkx2_quants(
@@ -68,6 +83,11 @@ def make_qkx2_quants(
     min by weighted least squares (the 2×2 normal equations; min clamped to ≤ 0) and keep it if
     the weighted error (squared, or absolute when ``use_mad``) is lower.
 
+    This is the hot loop of Q4_K, Q5_K and Q2_K, so it keeps memory traffic low: every
+    candidate writes into the same three buffers, the three weighted sums are added in one
+    sequential pass, and the winning codes are recomputed once at the end from the winning
+    ``(iscale, min)`` instead of being copied at every step.
+
     Args:
         x, w: float32 ``[n, B]`` values and importance weights.
         nmax: largest code (15 for Q4_K, 31 for Q5_K, 3 for Q2_K).
@@ -76,33 +96,51 @@ def make_qkx2_quants(
     Returns:
         :class:`SearchResult` with ``min`` = −(fitted offset) ≥ 0.
     """
-    lo0 = x.amin(dim=0).clamp(max=0)  # [B]; the C code sets min = 0 when min > 0
+    xmin = x.amin(dim=0)
+    lo0 = xmin.clamp(max=0)  # [B]; the C code sets min = 0 when min > 0
     hi = x.amax(dim=0)
     flat = hi == lo0  # the C code returns scale 0, codes 0 before searching
     sum_w = seq_sum(w[1:], start=w[0])
     sum_x = seq_sum(w[1:] * x[1:], start=w[0] * x[0])
-    iscale = div(float(nmax), hi - lo0)
-    scale, lo = recip(iscale), lo0
-    L = _codes(iscale * (x - lo), nmax)
-    best = _weighted_error(w, x, L, scale, lo, use_mad)
+    Laux = torch.empty_like(x)  # the candidate's codes
+    sums = torch.empty((3, *x.shape), dtype=x.dtype, device=x.device)  # w·L, w·L², w·L·x
+    diff = torch.empty_like(x)
+
+    def spread(lo):  # max |x - lo| over the sub-block
+        return torch.maximum(hi - lo, (xmin - lo).abs())
+
+    def weighted_error(L, scale, lo):
+        torch.mul(L, scale, out=diff).add_(lo).sub_(x)  # ((scale*L) + min) - x, as in C
+        diff.abs_() if use_mad else diff.mul_(diff)
+        return seq_sum(diff.mul_(w))
+
+    best_iscale = div(float(nmax), hi - lo0)
+    best_lo_used = lo0  # the offset the winning codes were computed from
+    scale, lo = recip(best_iscale), lo0
+    best = weighted_error(_grid_codes(x, lo0, best_iscale, spread(lo0), nmax, flat, Laux), scale, lo)
     for step in range(nstep + 1):
         num = _f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax)
         # the grid is re-centred on the best min found so far, as in the C loop
-        Laux = _codes(div(num, hi - lo) * (x - lo), nmax)
-        wl = w * Laux
-        sum_l, sum_l2, sum_xl = seq_sum(wl), seq_sum(wl * Laux), seq_sum(wl * x)
+        iscale = div(num, hi - lo)
+        _grid_codes(x, lo, iscale, spread(lo), nmax, flat, Laux)
+        torch.mul(w, Laux, out=sums[0])
+        torch.mul(sums[0], Laux, out=sums[1])
+        torch.mul(sums[0], x, out=sums[2])
+        sum_l, sum_l2, sum_xl = seq_sum(sums.transpose(0, 1))  # each one in the C loop's order
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
         clip = this_min > 0
         this_scale = torch.where(clip, sum_xl / sum_l2, this_scale)
         this_min = torch.where(clip, torch.zeros_like(this_min), this_min)
-        err = _weighted_error(w, x, Laux, this_scale, this_min, use_mad)
+        err = weighted_error(Laux, this_scale, this_min)
         better = (D > 0) & (err < best)
-        L = torch.where(better, Laux, L)
         best = torch.where(better, err, best)
+        best_iscale = torch.where(better, iscale, best_iscale)
+        best_lo_used = torch.where(better, lo, best_lo_used)
         scale = torch.where(better, this_scale, scale)
         lo = torch.where(better, this_min, lo)
+    L = _grid_codes(x, best_lo_used, best_iscale, spread(best_lo_used), nmax, flat, Laux)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
     L = torch.where(flat, torch.zeros_like(L), L).to(torch.int32)
     lo = torch.where(flat, lo0, lo)
