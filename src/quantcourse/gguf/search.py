@@ -103,7 +103,7 @@ def make_qkx2_quants(
     sum_w = seq_sum(w[1:], start=w[0])
     sum_x = seq_sum(w[1:] * x[1:], start=w[0] * x[0])
     Laux = torch.empty_like(x)  # the candidate's codes
-    sums = torch.empty((3, *x.shape), dtype=x.dtype, device=x.device)  # w·L, w·L², w·L·x
+    sums = torch.empty((x.shape[0], 3, x.shape[1]), dtype=x.dtype, device=x.device)  # w·L, w·L², w·L·x
     diff = torch.empty_like(x)
 
     def spread(lo):  # max |x - lo| over the sub-block
@@ -123,10 +123,10 @@ def make_qkx2_quants(
         # the grid is re-centred on the best min found so far, as in the C loop
         iscale = div(num, hi - lo)
         _grid_codes(x, lo, iscale, spread(lo), nmax, flat, Laux)
-        torch.mul(w, Laux, out=sums[0])
-        torch.mul(sums[0], Laux, out=sums[1])
-        torch.mul(sums[0], x, out=sums[2])
-        sum_l, sum_l2, sum_xl = seq_sum(sums.transpose(0, 1))  # each one in the C loop's order
+        wl = torch.mul(w, Laux, out=sums[:, 0])
+        torch.mul(wl, Laux, out=sums[:, 1])
+        torch.mul(wl, x, out=sums[:, 2])
+        sum_l, sum_l2, sum_xl = seq_sum(sums)  # each one in the C loop's order
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
