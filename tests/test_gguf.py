@@ -155,6 +155,25 @@ def test_chunking_does_not_change_bytes():
     np.testing.assert_array_equal(qg.quantize(x, "Q4_K", chunk_blocks=3), qg.quantize(x, "Q4_K"))
 
 
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q4_0"])
+def test_threads_do_not_change_bytes_and_restore_torch_threads(name):
+    x = torch.randn(16, 1024)
+    imatrix = torch.rand(1024) if name == "Q6_K" else None
+    before = torch.get_num_threads()
+    one = qg.quantize(x, name, imatrix=imatrix, chunk_blocks=5, num_threads=1)
+    np.testing.assert_array_equal(qg.quantize(x, name, imatrix=imatrix, chunk_blocks=5, num_threads=3), one)
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_error_bad_threads_or_chunks(bad):
+    x = torch.randn(2, 256)
+    with pytest.raises(ValueError, match="num_threads must be a positive int"):
+        qg.quantize(x, "Q4_K", num_threads=bad)
+    with pytest.raises(ValueError, match="chunk_blocks must be a positive int"):
+        qg.quantize(x, "Q4_K", chunk_blocks=bad)
+
+
 @pytest.mark.parametrize("name", ["Q2_K", "Q4_K", "Q5_K"])
 def test_fast_rounding_path_equals_exact_c_rounding(monkeypatch, name):
     """The searches round with torch.round when no code can leave nearest_int's exact range;
