@@ -286,9 +286,9 @@ def test_gguf_py_version_has_k_quant_dequantizers():
     assert hasattr(gguf, "GGUFWriter") and GGMLQuantizationType.Q6_K in gq._type_traits
 
 
-# ---------------------------------------------------------------- importance matrix (quantize_row_q*_K_impl)
+# ---------------------------------------------------------------- importance matrix (quantize_row_q*_impl)
 
-IMATRIX = ["Q4_K", "Q5_K", "Q6_K"]
+IMATRIX = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 
 
 @pytest.mark.parametrize("name", IMATRIX)
@@ -310,20 +310,35 @@ def test_imatrix_fresh_inputs_when_library_present(name):
     np.testing.assert_array_equal(qg.quantize(x, name, imatrix=im), cq.quantize(x.numpy(), name, im.numpy()))
 
 
-def test_imatrix_changes_the_choice_and_helps_important_columns():
+@pytest.mark.parametrize("name", IMATRIX)
+def test_imatrix_changes_the_choice_and_helps_important_columns(name):
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(64, 256, generator=gen)
     im = torch.ones(256)
-    im[:32] = 100.0  # the first 32 input columns matter 100x more
-    plain = qg.dequantize(qg.quantize(x, "Q4_K"), "Q4_K", x.shape)
-    weighted = qg.dequantize(qg.quantize(x, "Q4_K", imatrix=im), "Q4_K", x.shape)
+    im[::8] = 100.0  # every eighth input column matters 100x more
+    plain = qg.dequantize(qg.quantize(x, name), name, x.shape)
+    weighted = qg.dequantize(qg.quantize(x, name, imatrix=im), name, x.shape)
     err = lambda y: ((y - x).pow(2) * im).sum().item()  # noqa: E731
     assert err(weighted) < err(plain)
 
 
-def test_error_imatrix_unsupported_format():
-    with pytest.raises(ValueError, match="importance matrix is supported"):
-        qg.quantize(torch.zeros(1, 32), "Q4_0", imatrix=torch.ones(32))
+def test_legacy_imatrix_uses_the_whole_rows_mean_square():
+    """quantize_row_q4_0_impl's σ² is the row's: a row's other blocks change one block's bytes."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 64, generator=gen)
+    im = torch.rand(64, generator=gen)
+    louder = x.clone()
+    louder[0, 32:] *= 50.0  # the second block only
+    first_block = lambda y: qg.quantize(y, "Q4_0", imatrix=im)[0, :18]  # noqa: E731
+    assert not np.array_equal(first_block(x), first_block(louder))
+    w = qg.legacy.imatrix_weights(x, im)
+    assert torch.allclose(w, im * torch.sqrt((x * x).mean() + x * x), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name, match", [("Q8_0", "no scale search"), ("Q2_K", "not implemented here")])
+def test_error_imatrix_unsupported_format(name, match):
+    with pytest.raises(ValueError, match=match):
+        qg.quantize(torch.zeros(1, 256), name, imatrix=torch.ones(256))
 
 
 def test_error_imatrix_wrong_shape():

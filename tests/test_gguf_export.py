@@ -136,3 +136,21 @@ def test_tokenizer_metadata_matches_the_course_gguf(tmp_path, course_model):
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
                 "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template"):
         assert ours[key].contents() == ref[key].contents(), key
+
+
+@pytest.mark.slow
+def test_export_uses_the_imatrix_for_every_searched_type(tmp_path, course_model):
+    _, tok = course_model
+    model = _tiny_model()
+    weights = qg.gguf_state_dict(model)
+    gen = torch.Generator().manual_seed(0)
+    imatrix = {n: torch.rand(t.shape[1], generator=gen) ** 2 for n, t in weights.items() if n.startswith("blk.") and t.dim() == 2}
+    res = qg.export_gguf(model, tok, tmp_path / "im.gguf", "Q4_K_M", tokenizer_pre="smollm", imatrix=imatrix, progress=False)
+    stored = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(res.path).tensors}
+    for name, qtype in [("blk.0.attn_q.weight", "Q5_0"), ("blk.0.ffn_down.weight", "Q4_K"), ("blk.1.ffn_down.weight", "Q6_K")]:
+        assert res.choices[name].qtype == qtype
+        with_im = qg.quantize(weights[name], qtype, imatrix=imatrix[name])
+        np.testing.assert_array_equal(stored[name], with_im, err_msg=name)
+        assert not np.array_equal(with_im, qg.quantize(weights[name], qtype)), name  # the imatrix mattered
+    # Q8_0 has no search: llama.cpp stores the same bytes with or without an imatrix
+    np.testing.assert_array_equal(stored["blk.1.attn_v.weight"], qg.quantize(weights["blk.1.attn_v.weight"], "Q8_0"))

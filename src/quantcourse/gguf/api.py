@@ -12,6 +12,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from .base import BlockFormat, get_format
+from .legacy import imatrix_weights
 
 __all__ = ["quantize", "dequantize", "bits_per_weight"]
 
@@ -32,13 +33,18 @@ def _check_matrix(x: torch.Tensor, fmt: type[BlockFormat]) -> None:
         raise ValueError("x contains NaN or Inf; llama.cpp refuses such weights, and so do we")
 
 
-IMATRIX_FORMATS = ("Q4_K", "Q5_K", "Q6_K")
+IMATRIX_FORMATS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+_ROW_SIGMA_FORMATS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1")  # their σ² is the whole row's, not the block's
 CHUNK_WEIGHTS = 2**18
 
 
 def _check_imatrix(imatrix: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "Q8_0":
+        raise ValueError("Q8_0 has no scale search for an importance matrix to weight (llama.cpp ignores it): "
+                         "call quantize without imatrix")
     if name not in IMATRIX_FORMATS:
-        raise ValueError(f"an importance matrix is supported for {IMATRIX_FORMATS}, not {name}")
+        raise ValueError(f"an importance matrix is supported for {IMATRIX_FORMATS}, not {name} "
+                         "(llama.cpp's Q2_K/Q3_K imatrix searches are not implemented here)")
     if not isinstance(imatrix, torch.Tensor) or imatrix.dtype != torch.float32 or imatrix.shape != (x.shape[1],):
         raise ValueError(f"imatrix must be a float32 tensor of shape ({x.shape[1]},), one weight per input column")
     if not torch.isfinite(imatrix).all() or (imatrix < 0).any():
@@ -89,7 +95,8 @@ def quantize(
         qtype: gguf-py name (``"Q4_K"``) or a ``gguf.GGMLQuantizationType``.
         imatrix: optional float32 ``[cols]`` importance of each input column (mean x² of the
             activations, :func:`~quantcourse.gguf.imatrix.compute_imatrix`); llama.cpp then uses
-            ``quantize_row_q*_K_impl``. Supported for Q4_K, Q5_K and Q6_K.
+            ``quantize_row_q*_impl``. Supported for Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K
+            (llama.cpp ignores it for Q8_0; Q2_K and Q3_K with an imatrix are not implemented).
         chunk_blocks: blocks processed per vectorized step (a memory/cache knob; the bytes do not depend
             on it). The default, about 2**18 weights (1 MiB of float32), keeps a search's working
             tensors in cache; chunks 16 times larger run about half as fast.
@@ -112,7 +119,11 @@ def quantize(
     if imatrix is None:
         weights: list[torch.Tensor | None] = [None] * -(-len(blocks) // chunk_blocks)
     else:
-        qw = _check_imatrix(imatrix, x, fmt.name).detach().repeat(x.shape[0]).reshape(-1, fmt.block_size)
+        imatrix = _check_imatrix(imatrix, x, fmt.name).detach()
+        if fmt.name in _ROW_SIGMA_FORMATS:
+            qw = imatrix_weights(x.detach(), imatrix).reshape(-1, fmt.block_size)
+        else:  # the K-quants combine the imatrix with each super-block's own statistics
+            qw = imatrix.repeat(x.shape[0]).reshape(-1, fmt.block_size)
         weights = list(torch.split(qw, chunk_blocks))
     chunks = list(zip(torch.split(blocks, chunk_blocks), weights))
     parts = _quantize_chunks(fmt, chunks, 1 if x.device.type != "cpu" else num_threads) if chunks else []

@@ -13,9 +13,40 @@ from __future__ import annotations
 import torch
 
 from .base import BlockFormat, half_from_bytes, le_bytes, split_bytes
-from .cfloat import first_absmax, fp16_bits, recip, round_away, trunc_to_byte
+from .cfloat import first_absmax, fp16_bits, recip, round_away, seq_sum, sqrtf, trunc_to_byte
+from .search import make_qkx2_quants, make_qx_quants
 
-__all__ = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+__all__ = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "imatrix_weights"]
+
+
+def imatrix_weights(x: torch.Tensor, imatrix: torch.Tensor) -> torch.Tensor:
+    """The per-weight importance of ``quantize_row_q{4,5}_{0,1}_impl``: ``imatrix[j]·sqrtf(σ² + x²)``.
+
+    Unlike the K-quants (σ² per super-block), σ² is the mean square of the whole *row*,
+    summed in the C loop's order, so it is computed here, before the row is cut into blocks.
+
+    Args:
+        x: float32 ``[rows, cols]``.
+        imatrix: float32 ``[cols]``.
+    Returns:
+        float32 ``[rows, cols]``.
+    """
+    xt = x.T.contiguous()  # [cols, rows], position-major for the sequential sum
+    sigma2 = seq_sum(xt * xt) / x.shape[1]  # [rows]
+    return imatrix * sqrtf(sigma2[:, None] + x * x)
+
+
+def _weighted_search(blocks: torch.Tensor, weights: torch.Tensor, symmetric: bool, nmax: int):
+    """The searches of the ``_impl`` quantizers over ``B`` blocks of 32 (position-major inside).
+
+    Symmetric: ``make_qx_quants(32, nmax, x, L, 1, weight)``, codes ``l + nmax``. With a minimum:
+    ``make_qkx3_quants(32, nmax, x, weight, L, &min, Laux, -0.9, 0.05, 36, false)``, which is
+    :func:`make_qkx2_quants` with that grid.
+    """
+    x, w = blocks.T.contiguous(), weights.T.contiguous()
+    if symmetric:
+        return make_qx_quants(x, nmax=nmax, w=w)
+    return make_qkx2_quants(x, w, nmax=nmax, rmin=-0.9, rdelta=0.05, nstep=36, use_mad=False)
 
 
 def _signed(byte: torch.Tensor) -> torch.Tensor:
@@ -91,7 +122,11 @@ class Q4_0(BlockFormat):
     name = "Q4_0"
 
     @classmethod
-    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(cls, blocks: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+        """``imatrix``: optional float32 ``[B, 32]`` from :func:`imatrix_weights` (``quantize_row_q4_0_impl``)."""
+        if imatrix is not None:
+            res = _weighted_search(blocks, imatrix, True, 8)
+            return torch.cat([fp16_bits(res.scale), _nibbles(res.L.T)], dim=1)
         d = first_absmax(blocks, 1) / -8
         q = _signed(trunc_to_byte(blocks * _safe_recip(d)[:, None] + 8.5)).clamp(max=15) & 0xFF
         return torch.cat([fp16_bits(d), _nibbles(q)], dim=1)
@@ -126,10 +161,18 @@ class Q4_1(BlockFormat):
         return d, lo, q
 
     @classmethod
-    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(cls, blocks: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+        """``imatrix``: optional float32 ``[B, 32]`` from :func:`imatrix_weights` (``quantize_row_q4_1_impl``)."""
+        if imatrix is not None:
+            res = _weighted_search(blocks, imatrix, False, cls.n_levels)
+            return torch.cat([fp16_bits(res.scale), fp16_bits(-res.min), cls._pack(res.L.T)], dim=1)
         d, lo, q = cls._codes(blocks)
         q = _signed(q).clamp(max=15) & 0xFF
         return torch.cat([fp16_bits(d), fp16_bits(lo), _nibbles(q)], dim=1)
+
+    @staticmethod
+    def _pack(q: torch.Tensor) -> torch.Tensor:
+        return _nibbles(q)
 
     @classmethod
     def dequantize_blocks(cls, data: torch.Tensor) -> torch.Tensor:
@@ -154,7 +197,12 @@ class Q5_0(BlockFormat):
     name = "Q5_0"
 
     @classmethod
-    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(cls, blocks: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+        """``imatrix``: optional float32 ``[B, 32]`` from :func:`imatrix_weights` (``quantize_row_q5_0_impl``)."""
+        if imatrix is not None:
+            res = _weighted_search(blocks, imatrix, True, 16)
+            L = res.L.T
+            return torch.cat([fp16_bits(res.scale), _fifth_bits(L), _nibbles(L)], dim=1)
         d = first_absmax(blocks, 1) / -16
         q = _signed(trunc_to_byte(blocks * _safe_recip(d)[:, None] + 16.5)).clamp(max=31) & 0xFF
         return torch.cat([fp16_bits(d), _fifth_bits(q), _nibbles(q)], dim=1)
@@ -182,9 +230,16 @@ class Q5_1(Q4_1):
     n_levels = 31
 
     @classmethod
-    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(cls, blocks: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+        """``imatrix``: optional float32 ``[B, 32]`` from :func:`imatrix_weights` (``quantize_row_q5_1_impl``)."""
+        if imatrix is not None:
+            return super().quantize_blocks(blocks, imatrix)
         d, lo, q = cls._codes(blocks)
-        return torch.cat([fp16_bits(d), fp16_bits(lo), _fifth_bits(q), _nibbles(q)], dim=1)
+        return torch.cat([fp16_bits(d), fp16_bits(lo), cls._pack(q)], dim=1)
+
+    @staticmethod
+    def _pack(q: torch.Tensor) -> torch.Tensor:
+        return torch.cat([_fifth_bits(q), _nibbles(q)], dim=1)
 
     @classmethod
     def dequantize_blocks(cls, data: torch.Tensor) -> torch.Tensor:

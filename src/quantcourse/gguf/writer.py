@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .api import dequantize, quantize
+from .api import IMATRIX_FORMATS, dequantize, quantize
 from .mixtures import MIXTURES, TensorChoice, plan_mixture
 
 __all__ = [
@@ -158,8 +158,8 @@ def export_gguf(
         tokenizer_pre: llama.cpp's pre-tokenizer name (``tokenizer.ggml.pre``; ``"smollm"`` for the course model).
         name: ``general.name``.
         imatrix: optional GGUF name -> importance vector (:func:`~quantcourse.gguf.compute_imatrix`), used
-            for the tensors stored as Q4_K, Q5_K or Q6_K (llama.cpp also uses it for the legacy types;
-            here those are quantized without it).
+            as ``llama-quantize --imatrix`` uses it: for every tensor stored as Q4_0, Q4_1, Q5_0, Q5_1,
+            Q4_K, Q5_K or Q6_K (Q8_0 has no search to weight; the six mixtures use no other type).
         progress: show a tqdm bar over tensors.
     Returns:
         :class:`ExportResult`.
@@ -182,7 +182,7 @@ def export_gguf(
             data = t.to(torch.float16).numpy()
             w.add_tensor(tname, data)
         else:
-            im = imatrix.get(tname) if imatrix is not None and qtype in ("Q4_K", "Q5_K", "Q6_K") else None
+            im = imatrix.get(tname) if imatrix is not None and qtype in IMATRIX_FORMATS else None
             data = quantize(t, qtype, imatrix=im)
             w.add_tensor(tname, data, raw_dtype=gguf.GGMLQuantizationType[qtype])
         tensor_bytes += data.nbytes

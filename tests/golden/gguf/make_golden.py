@@ -8,7 +8,8 @@ Run once, by hand (CI never builds llama.cpp)::
 
 It writes ``golden.npz`` beside itself: the float32 inputs (``x``: hand-picked hard rows;
 ``x_random``: seeded normal rows) and, for each of the ten formats, the bytes that
-``ggml_quantize_chunk`` returns without an importance matrix and, for Q4_K, Q5_K and Q6_K, with the
+``ggml_quantize_chunk`` returns without an importance matrix and, for the formats in
+``IMATRIX_FORMATS``, with the
 fixed ``imatrix`` stored alongside, plus the library's version and commit.
 """
 
@@ -24,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cref import CQuantizer, find_libggml  # noqa: E402
 
 FORMATS = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
-IMATRIX_FORMATS = ["Q4_K", "Q5_K", "Q6_K"]
+IMATRIX_FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 COLS = 512  # two K-quant super-blocks, sixteen 32-blocks
 
 
