@@ -101,7 +101,8 @@ def quantize(
             on it). The default, about 2**18 weights (1 MiB of float32), keeps a search's working
             tensors in cache; chunks 16 times larger run about half as fast.
         num_threads: chunks quantized side by side on the CPU (default ``torch.get_num_threads()``);
-            the bytes do not depend on it. Ignored for tensors on a GPU.
+            the bytes do not depend on it. With more than one, torch's intra-op thread count is 1
+            during the call and restored after. Ignored for tensors on a GPU.
     Returns:
         uint8 numpy array ``[rows, cols // block_size * type_size]``, the rows as a GGUF file stores them.
     """
