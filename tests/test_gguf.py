@@ -174,7 +174,7 @@ def test_error_bad_threads_or_chunks(bad):
         qg.quantize(x, "Q4_K", chunk_blocks=bad)
 
 
-@pytest.mark.parametrize("name", ["Q2_K", "Q4_K", "Q5_K"])
+@pytest.mark.parametrize("name", ["Q2_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0+imatrix"])
 def test_fast_rounding_path_equals_exact_c_rounding(monkeypatch, name):
     """The searches round with torch.round when no code can leave nearest_int's exact range;
     forcing the C bit trick everywhere must give the same bytes (tiny and huge blocks included)."""
@@ -183,9 +183,11 @@ def test_fast_rounding_path_equals_exact_c_rounding(monkeypatch, name):
     torch.manual_seed(7)
     x = torch.distributions.StudentT(2.0).sample((16, 512)) * torch.logspace(-42, 30, 16)[:, None]
     x[3, :256] = 0.0
-    fast = qg.quantize(x, name)
+    name, _, with_imatrix = name.partition("+")
+    imatrix = torch.rand(512) if with_imatrix else None
+    fast = qg.quantize(x, name, imatrix=imatrix)
     monkeypatch.setattr(search, "_SAFE", 0.0)  # no bound is below 0: always the exact path
-    np.testing.assert_array_equal(qg.quantize(x, name), fast)
+    np.testing.assert_array_equal(qg.quantize(x, name, imatrix=imatrix), fast)
 
 
 def test_qtype_enum_accepted():

@@ -152,11 +152,12 @@ def make_qx_quants(x: torch.Tensor, *, nmax: int, w: torch.Tensor | None = None)
 
     ``iscale = −nmax / max`` (max: the signed element of largest magnitude), least-squares
     scale with weights ``x²`` (or ``w``), then 18 more candidates ``−(nmax + 0.1·is) / max``,
-    ``is = ±1..±9``, kept when they raise ``(Σwxl)² / Σwl²``.
+    ``is = ±1..±9``, kept when they raise ``(Σwxl)² / Σwl²``. As in :func:`make_qkx2_quants`,
+    every candidate reuses the same buffers and the winning codes are recomputed once.
 
     Args:
         x: float32 ``[n, B]``.
-        nmax: 32 for Q6_K, 4 for the Q3_K imatrix path.
+        nmax: 32 for Q6_K, 8 for Q4_0 and 16 for Q5_0 with an importance matrix.
         w: optional float32 ``[n, B]`` weights (the importance matrix); ``x²`` when None.
     Returns:
         :class:`SearchResult`; ``L`` holds ``l + nmax`` in 0..2·nmax−1.
@@ -164,27 +165,40 @@ def make_qx_quants(x: torch.Tensor, *, nmax: int, w: torch.Tensor | None = None)
     mx = first_absmax(x, 0)  # [B]
     w = x * x if w is None else w
     wx = w * x
+    skip = mx.abs() < GROUP_MAX_EPS  # zero blocks: their result is overwritten below
+    spread = mx.abs()  # max |x| of the sub-block
+    l = torch.empty_like(x)
+    sums = torch.empty((x.shape[0], 2, x.shape[1]), dtype=x.dtype, device=x.device)  # w·x·l, w·l²
 
-    def sums(iscale):
-        l = nearest_int(iscale * x).clamp(-nmax, nmax - 1)
-        lf = l.to(torch.float32)
-        return l, seq_sum(wx * lf), seq_sum(w * lf * lf)
+    def codes(iscale):  # nearest_int(iscale·x) clamped, as float32, into l
+        torch.mul(x, iscale, out=l)
+        if bool(((iscale.abs() * spread < _SAFE) | skip).all()):
+            return l.round_().clamp_(-nmax, nmax - 1)
+        l.copy_(nearest_int(l).clamp_(-nmax, nmax - 1))
+        return l
 
-    L, sumlx, suml2 = sums(div(float(-nmax), mx))
+    def weighted_sums(iscale):
+        codes(iscale)
+        torch.mul(wx, l, out=sums[:, 0])
+        torch.mul(w, l, out=sums[:, 1]).mul_(l)
+        return seq_sum(sums)  # [2, B]: Σ w·x·l and Σ w·l², in the C loop's order
+
+    best_iscale = div(float(-nmax), mx)
+    sumlx, suml2 = weighted_sums(best_iscale)
     scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
     best = scale * sumlx
     for step in [s for s in range(-9, 10) if s != 0]:
-        num = -_f32(nmax + _f32(_f32(0.1) * step))
-        l, slx, sl2 = sums(div(num, mx))
+        iscale = div(-_f32(nmax + _f32(_f32(0.1) * step)), mx)
+        slx, sl2 = weighted_sums(iscale)
         better = (sl2 > 0) & (slx * slx > best * sl2)
-        L = torch.where(better, l, L)
+        best_iscale = torch.where(better, iscale, best_iscale)
         scale = torch.where(better, slx / sl2, scale)
         best = torch.where(better, scale * slx, best)
-    zero = mx.abs() < GROUP_MAX_EPS
+    L = codes(best_iscale).to(torch.int32)
     return SearchResult(
-        scale=torch.where(zero, torch.zeros_like(scale), scale),
+        scale=torch.where(skip, torch.zeros_like(scale), scale),
         min=torch.zeros_like(scale),
-        L=torch.where(zero, torch.zeros_like(L), L + nmax),
+        L=torch.where(skip, torch.zeros_like(L), L + nmax),
     )
 
 
