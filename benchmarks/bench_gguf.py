@@ -38,7 +38,7 @@ def _cref():
     return None if path is None else mod.CQuantizer(path)
 
 
-def _time(fn, repeat: int = 2) -> tuple[float, object]:
+def _time(fn, repeat: int = 3) -> tuple[float, object]:
     """Best wall time of ``repeat`` calls, and the last call's result."""
     best = float("inf")
     for _ in range(repeat):
@@ -81,7 +81,7 @@ def main(rows: int = 4096, cols: int = 4096) -> None:
     header = [
         "# GGUF quantization throughput",
         "",
-        f"`python benchmarks/bench_gguf.py {rows} {cols}`: a seeded {rows} x {cols} float32 matrix, best of 2 runs per cell,",
+        f"`python benchmarks/bench_gguf.py {rows} {cols}`: a seeded {rows} x {cols} float32 matrix, best of 3 runs per cell,",
         f"torch {torch.__version__}, {platform.processor() or platform.machine()},",
         f"{os.cpu_count()} CPUs, load average {load:.1f} when it finished"
         + (f"; llama.cpp ggml {cq.version} ({cq.commit})." if cq else "."),
