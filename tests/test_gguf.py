@@ -32,12 +32,16 @@ def golden():
     return np.load(GOLDEN)
 
 
-def _cref():
+@pytest.fixture(scope="module")
+def c_quantizer():
+    """llama.cpp's own quantizers (tests/golden/gguf/cref.py); the test is skipped where the library is absent."""
     spec = importlib.util.spec_from_file_location("cref", os.path.join(HERE, "golden", "gguf", "cref.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     path = mod.find_libggml()
-    return None if path is None else mod.CQuantizer(path)
+    if path is None:
+        pytest.skip("llama.cpp's libggml-base.so not available (set QUANTCOURSE_LIBGGML or install llama-cpp-python)")
+    return mod.CQuantizer(path)
 
 
 # ---------------------------------------------------------------- golden vectors (llama.cpp's C code)
@@ -61,16 +65,13 @@ def test_bytes_equal_llama_cpp_on_random_rows(golden, name):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_bytes_equal_llama_cpp_on_fresh_inputs_when_library_present(name):
-    cq = _cref()
-    if cq is None:
-        pytest.skip("llama.cpp's libggml-base.so not available (set QUANTCOURSE_LIBGGML or install llama-cpp-python)")
+def test_bytes_equal_llama_cpp_on_fresh_inputs_when_library_present(c_quantizer, name):
     gen = torch.Generator().manual_seed(1234)
     for scale in (1.0, 1e-3, 50.0, 1e-41, 1e22, 1e37):
         x = torch.randn(16, 768, generator=gen) * scale
         x[:, ::5] = torch.distributions.StudentT(2.0).sample((16, 154))[:, : x[:, ::5].shape[1]] * scale
         x = x.clamp(-3e38, 3e38)
-        np.testing.assert_array_equal(qg.quantize(x, name), cq.quantize(x.numpy(), name), err_msg=f"scale {scale}")
+        np.testing.assert_array_equal(qg.quantize(x, name), c_quantizer.quantize(x.numpy(), name), err_msg=f"scale {scale}")
 
 
 # ---------------------------------------------------------------- gguf-py
@@ -302,14 +303,11 @@ def test_imatrix_bytes_equal_llama_cpp(golden, name):
 
 
 @pytest.mark.parametrize("name", IMATRIX)
-def test_imatrix_fresh_inputs_when_library_present(name):
-    cq = _cref()
-    if cq is None:
-        pytest.skip("llama.cpp's libggml-base.so not available")
+def test_imatrix_fresh_inputs_when_library_present(c_quantizer, name):
     gen = torch.Generator().manual_seed(99)
     x = torch.randn(8, 768, generator=gen) / torch.randn(8, 768, generator=gen).abs().clamp(min=0.05)
     im = torch.rand(768, generator=gen) ** 2
-    np.testing.assert_array_equal(qg.quantize(x, name, imatrix=im), cq.quantize(x.numpy(), name, im.numpy()))
+    np.testing.assert_array_equal(qg.quantize(x, name, imatrix=im), c_quantizer.quantize(x.numpy(), name, im.numpy()))
 
 
 @pytest.mark.parametrize("name", IMATRIX)
