@@ -44,32 +44,29 @@ def _f32(v: float) -> float:
     return float(np.float32(v))
 
 
-def _codes(f: torch.Tensor, nmax: int) -> torch.Tensor:
-    """``MAX(0, MIN(nmax, nearest_int(f)))`` as float32 codes, for any ``f``.
-
-    The C bit trick is kept on purpose: tiny sub-blocks make ``iscale`` overflow, and then
-    ``inf`` and ``NaN`` (from 0·inf) both become code 0 in C, not ``nmax``.
-    """
-    return nearest_int(f).clamp_(0, nmax).to(torch.float32)
-
-
 _SAFE = 2.0**21  # below 2**22, torch.round (half to even) and nearest_int agree
 
 
-def _grid_codes(x: torch.Tensor, lo: torch.Tensor, iscale: torch.Tensor, spread: torch.Tensor,
-                nmax: int, skip: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``_codes(iscale·(x − lo))`` into ``out`` ``[n, B]``, in three passes over memory instead of seven.
+def _grid_codes(x: torch.Tensor, iscale: torch.Tensor, spread: torch.Tensor, lowest: int, highest: int,
+                skip: torch.Tensor, out: torch.Tensor, lo: torch.Tensor | None = None) -> torch.Tensor:
+    """``MAX(lowest, MIN(highest, nearest_int(iscale·(x − lo))))`` as float32 codes, into ``out`` ``[n, B]``.
 
-    ``torch.round`` then ``clamp`` equals the C bit trick whenever ``|iscale·(x − lo)| < 2**22``;
-    ``spread`` [B] bounds ``|x − lo|`` so that one small check per call proves it. Sub-blocks in
-    ``skip`` (flat ones, whose result is overwritten) are left out of the check; when any other
-    sub-block might overflow (denormal ranges), the exact bit trick runs instead.
+    ``torch.round`` then ``clamp`` (three passes over memory instead of seven) equals the C bit
+    trick whenever ``|iscale·(x − lo)| < 2**22``; ``spread`` [B] bounds ``|x − lo|`` so that one
+    small check per call proves it. Sub-blocks in ``skip`` (whose result is overwritten) are left
+    out of the check. Otherwise the bit trick runs: tiny sub-blocks make ``iscale`` overflow, and
+    then ``inf`` and ``NaN`` (from 0·inf) become code 0 in C, not ``highest``.
+
+    Args:
+        x: float32 ``[n, B]``; iscale, spread, skip: ``[B]``; lo: optional ``[B]`` offset (0 when None).
     """
-    torch.sub(x, lo, out=out).mul_(iscale)
-    bound = iscale.abs() * spread
-    if bool(((bound < _SAFE) | skip).all()):
-        return out.round_().clamp_(0, nmax)
-    out.copy_(_codes(out, nmax))
+    if lo is None:
+        torch.mul(x, iscale, out=out)
+    else:
+        torch.sub(x, lo, out=out).mul_(iscale)
+    if bool(((iscale.abs() * spread < _SAFE) | skip).all()):
+        return out.round_().clamp_(lowest, highest)
+    out.copy_(nearest_int(out).clamp_(lowest, highest))
     return out
 
 
@@ -117,12 +114,12 @@ def make_qkx2_quants(
     best_iscale = div(float(nmax), hi - lo0)
     best_lo_used = lo0  # the offset the winning codes were computed from
     scale, lo = recip(best_iscale), lo0
-    best = weighted_error(_grid_codes(x, lo0, best_iscale, spread(lo0), nmax, flat, Laux), scale, lo)
+    best = weighted_error(_grid_codes(x, best_iscale, spread(lo0), 0, nmax, flat, Laux, lo0), scale, lo)
     for step in range(nstep + 1):
         num = _f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax)
         # the grid is re-centred on the best min found so far, as in the C loop
         iscale = div(num, hi - lo)
-        _grid_codes(x, lo, iscale, spread(lo), nmax, flat, Laux)
+        _grid_codes(x, iscale, spread(lo), 0, nmax, flat, Laux, lo)
         wl = torch.mul(w, Laux, out=sums[:, 0])
         torch.mul(wl, Laux, out=sums[:, 1])
         torch.mul(wl, x, out=sums[:, 2])
@@ -140,7 +137,7 @@ def make_qkx2_quants(
         best_lo_used = torch.where(better, lo, best_lo_used)
         scale = torch.where(better, this_scale, scale)
         lo = torch.where(better, this_min, lo)
-    L = _grid_codes(x, best_lo_used, best_iscale, spread(best_lo_used), nmax, flat, Laux)
+    L = _grid_codes(x, best_iscale, spread(best_lo_used), 0, nmax, flat, Laux, best_lo_used)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
     L = torch.where(flat, torch.zeros_like(L), L).to(torch.int32)
     lo = torch.where(flat, lo0, lo)
@@ -170,12 +167,8 @@ def make_qx_quants(x: torch.Tensor, *, nmax: int, w: torch.Tensor | None = None)
     l = torch.empty_like(x)
     sums = torch.empty((x.shape[0], 2, x.shape[1]), dtype=x.dtype, device=x.device)  # w·x·l, w·l²
 
-    def codes(iscale):  # nearest_int(iscale·x) clamped, as float32, into l
-        torch.mul(x, iscale, out=l)
-        if bool(((iscale.abs() * spread < _SAFE) | skip).all()):
-            return l.round_().clamp_(-nmax, nmax - 1)
-        l.copy_(nearest_int(l).clamp_(-nmax, nmax - 1))
-        return l
+    def codes(iscale):
+        return _grid_codes(x, iscale, spread, -nmax, nmax - 1, skip, l)
 
     def weighted_sums(iscale):
         codes(iscale)
