@@ -27,6 +27,10 @@ CUDA_AVAILABLE = $(eval CUDA_AVAILABLE := $(shell $(PY) -c 'import torch; print(
 # one BLAS/OpenMP thread each avoids oversubscription, which slows small tensor ops by 10x or more.
 OMP_NUM_THREADS ?= 1
 export OMP_NUM_THREADS
+# Plain-text progress bars in executed notebooks: a tqdm widget would make the built pages load scripts
+# from a CDN (see quantcourse.progress).
+QUANTCOURSE_PROGRESS ?= plain
+export QUANTCOURSE_PROGRESS
 
 ifdef TRITON_INTERPRET
 RUN_ENV = PATH="$(abspath $(BIN)):$$PATH" TRITON_INTERPRET=$(TRITON_INTERPRET)
@@ -34,11 +38,12 @@ else
 RUN_ENV = PATH="$(abspath $(BIN)):$$PATH" $(if $(filter 1,$(CUDA_AVAILABLE)),,TRITON_INTERPRET=1)
 endif
 
-.PHONY: help setup book test test-unit test-solutions test-book selfcheck check-release release nbval-book clean
+.PHONY: help setup book test lint format test-unit test-solutions test-book selfcheck check-release release nbval-book clean
 
 help:
 	@echo "make book        set up .venv (if needed) and build the HTML book into _build/html"
 	@echo "make test        set up .venv (if needed) and run every test (pytest, nbval, book build, selfcheck, release sync)"
+	@echo "make lint        ruff: lint and format check (make format rewrites the files)"
 	@echo "make nbval-book  run the book's notebooks cell by cell under nbval (for maintainers)"
 	@echo "make release     regenerate course/ from solutions/"
 	@echo "make clean       remove build outputs (keeps .venv)"
@@ -63,7 +68,7 @@ book: setup
 	@echo "open _build/html/index.html in a browser"
 
 # The book's notebooks execute once per run, in the book build (cached by jupyter-cache between runs).
-TEST_STEPS := test-unit test-solutions test-book selfcheck check-release
+TEST_STEPS := lint test-unit test-solutions test-book selfcheck check-release
 
 test: setup
 	@for step in $(TEST_STEPS); do \
@@ -72,6 +77,15 @@ test: setup
 	  echo "[make test] $$step passed in $$(( $$(date +%s) - start )) s"; \
 	done
 	@echo "[make test] all passed"
+
+# Lint and format check of the Python sources (notebooks are checked by executing them).
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test-unit: setup
 	$(RUN_ENV) $(PY) -m pytest tests -n $(PYTEST_WORKERS) --dist loadgroup

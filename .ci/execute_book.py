@@ -53,8 +53,10 @@ def main(cache_path: str, timeout: str) -> int:
     for notebook in longest_first(notebooks):  # a new record's pk, hence its place in the pool, follows this order
         cache.add_nb_to_project(notebook)
     result = load_executor("local-parallel", cache).run_and_cache(timeout=int(timeout), filter_uris=notebooks)
-    print(f"book notebooks: {len(notebooks)}; executed now: {len(result.succeeded)}; "
-          f"failed: {len(result.excepted) + len(result.errored)} (the build reports them)")
+    print(
+        f"book notebooks: {len(notebooks)}; executed now: {len(result.succeeded)}; "
+        f"failed: {len(result.excepted) + len(result.errored)} (the build reports them)"
+    )
     return 0
 
 

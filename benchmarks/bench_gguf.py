@@ -31,7 +31,9 @@ LEGACY = {"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"}
 
 
 def _cref():
-    spec = importlib.util.spec_from_file_location("cref", os.path.join(HERE, "..", "tests", "golden", "gguf", "cref.py"))
+    spec = importlib.util.spec_from_file_location(
+        "cref", os.path.join(HERE, "..", "tests", "golden", "gguf", "cref.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     path = mod.find_libggml()
@@ -54,23 +56,25 @@ def main(rows: int = 4096, cols: int = 4096) -> None:
     n = x.numel()
     cq = _cref()
     all_threads = torch.get_num_threads()
-    lines = [f"| format | quantcourse, 1 thread (M w/s) | quantcourse, {all_threads} threads (M w/s) | gguf-py (M w/s) "
-             "| llama.cpp C ref, 1 thread (M w/s) | identical bytes |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"| format | quantcourse, 1 thread (M w/s) | quantcourse, {all_threads} threads (M w/s) | gguf-py (M w/s) "
+        "| llama.cpp C ref, 1 thread (M w/s) | identical bytes |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in qg.FORMATS:
         cells, same = [], []
         for threads in (1, all_threads):  # the C reference runs on one thread: the first column is the fair one
             torch.set_num_threads(threads)
-            t_ours, ours = _time(lambda: qg.quantize(x, name))
+            t_ours, ours = _time(lambda name=name: qg.quantize(x, name))
             cells.append(f"{n / t_ours / 1e6:.2f}")
         if name in LEGACY:
-            t_py, theirs = _time(lambda: gq.quantize(x.numpy(), GGMLQuantizationType[name]))
+            t_py, theirs = _time(lambda name=name: gq.quantize(x.numpy(), GGMLQuantizationType[name]))
             cells.append(f"{n / t_py / 1e6:.2f}")
             same.append(np.array_equal(ours, theirs))
         else:
             cells.append("(no quantizer)")
         if cq is not None:
-            t_c, ref = _time(lambda: cq.quantize(x.numpy(), name))
+            t_c, ref = _time(lambda name=name: cq.quantize(x.numpy(), name))
             cells.append(f"{n / t_c / 1e6:.2f}")
             same.append(np.array_equal(ours, ref))
         else:
@@ -81,7 +85,8 @@ def main(rows: int = 4096, cols: int = 4096) -> None:
     header = [
         "# GGUF quantization throughput",
         "",
-        f"`python benchmarks/bench_gguf.py {rows} {cols}`: a seeded {rows} x {cols} float32 matrix, best of 3 runs per cell,",
+        f"`python benchmarks/bench_gguf.py {rows} {cols}`: a seeded {rows} x {cols} float32 matrix,",
+        "best of 3 runs per cell,",
         f"torch {torch.__version__}, {platform.processor() or platform.machine()},",
         f"{os.cpu_count()} CPUs, load average {load:.1f} when it finished"
         + (f"; llama.cpp ggml {cq.version} ({cq.commit})." if cq else "."),

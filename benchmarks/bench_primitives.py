@@ -25,8 +25,8 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -70,8 +70,9 @@ def quanto_int4(W: torch.Tensor, group_size: int):
 
     def quantize():
         scale, zero_point = optimizer(W, qtype=quanto.qint4, axis=0, group_size=group_size, zeropoint=True)
-        return quantize_weight(W, qtype=quanto.qint4, axis=0, scale=scale, shift=zero_point,
-                               group_size=group_size, optimized=False)
+        return quantize_weight(
+            W, qtype=quanto.qint4, axis=0, scale=scale, shift=zero_point, group_size=group_size, optimized=False
+        )
 
     return quantize
 
@@ -95,7 +96,8 @@ def run_scheme(W, n_bits, symmetric, granularity, quanto_quantize, repeats, sync
     qt = quanto_quantize()
     ours = {
         "quantize (choose_qparams + quantize)": lambda: qc.quantize(
-            W, qc.choose_qparams(W, n_bits, symmetric=symmetric, granularity=granularity)),
+            W, qc.choose_qparams(W, n_bits, symmetric=symmetric, granularity=granularity)
+        ),
         "dequantize": lambda: qc.dequantize(q, qp),
         "fake_quantize": lambda: qc.fake_quantize(W, n_bits, symmetric=symmetric, granularity=granularity),
     }
@@ -106,10 +108,14 @@ def run_scheme(W, n_bits, symmetric, granularity, quanto_quantize, repeats, sync
     }
     rows = []
     for op in ours:
-        rows.append({"op": op, "ours": median_seconds(ours[op], repeats, sync),
-                     "quanto": median_seconds(theirs[op], repeats, sync),
-                     "torch": median_seconds(torch_fake, repeats, sync) if torch_fake and op == "fake_quantize"
-                     else None})
+        rows.append(
+            {
+                "op": op,
+                "ours": median_seconds(ours[op], repeats, sync),
+                "quanto": median_seconds(theirs[op], repeats, sync),
+                "torch": median_seconds(torch_fake, repeats, sync) if torch_fake and op == "fake_quantize" else None,
+            }
+        )
     return rows
 
 
@@ -133,14 +139,18 @@ def machine_description(device: torch.device) -> list[str]:
         f"- Python {platform.python_version()}, torch {torch.__version__}, optimum-quanto {version('optimum-quanto')}",
     ]
     if hasattr(os, "getloadavg"):
-        lines.append(f"- load average when the run started: {os.getloadavg()[0]:.1f} "
-                     "(other processes sharing the cores slow every column alike)")
+        lines.append(
+            f"- load average when the run started: {os.getloadavg()[0]:.1f} "
+            "(other processes sharing the cores slow every column alike)"
+        )
     return lines
 
 
 def format_table(rows: list[dict], n_bytes: int, n_elements: int) -> str:
-    header = ("| scheme | operation | quantcourse ms | quanto ms | torch ms | quantcourse GB/s | quanto GB/s "
-              "| quantcourse M elem/s | speed-up vs quanto |")
+    header = (
+        "| scheme | operation | quantcourse ms | quanto ms | torch ms | quantcourse GB/s | quanto GB/s "
+        "| quantcourse M elem/s | speed-up vs quanto |"
+    )
     lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         torch_ms = f"{r['torch'] * 1e3:.1f}" if r["torch"] is not None else ""
@@ -157,8 +167,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=4096, help="the matrix is size x size float32")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per figure (median)")
     parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--threads", type=int, nargs="*", default=None,
-                        help="torch thread counts to run with, one table each (default: torch's choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="*",
+        default=None,
+        help="torch thread counts to run with, one table each (default: torch's choice)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write ('-': do not write)")
     args = parser.parse_args(argv)
@@ -192,12 +207,19 @@ def measure(W: torch.Tensor, args: argparse.Namespace) -> str:
 
     def torch_fake():
         return torch.fake_quantize_per_channel_affine(
-            W, qp8.scale.flatten(), qp8.zero_point.flatten(), 0, qp8.qmin, qp8.qmax)
+            W, qp8.scale.flatten(), qp8.zero_point.flatten(), 0, qp8.qmin, qp8.qmax
+        )
 
     schemes = [
         ("int8 per-channel symmetric", 8, True, qc.PerChannel(0), quanto_int8(W), torch_fake),
-        (f"int4 per-group {args.group_size} asymmetric", 4, False, qc.PerGroup(args.group_size),
-         quanto_int4(W, args.group_size), None),
+        (
+            f"int4 per-group {args.group_size} asymmetric",
+            4,
+            False,
+            qc.PerGroup(args.group_size),
+            quanto_int4(W, args.group_size),
+            None,
+        ),
     ]
     rows = []
     for name, n_bits, symmetric, granularity, quanto_quantize, reference in schemes:

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -37,10 +38,12 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gguf_
 
 
 def _save(rows: list[dict]) -> None:
-    meta = {"model": "course model (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32)",
-            "perplexity": "quantcourse.evaluate.perplexity(seq_len=512, n_windows=4) on data.eval_tokens",
-            "imatrix": f"compute_imatrix on data.calibration_samples(tok, {IMATRIX_SAMPLES}, 512, seed=0)",
-            "torch": torch.__version__}
+    meta = {
+        "model": "course model (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32)",
+        "perplexity": "quantcourse.evaluate.perplexity(seq_len=512, n_windows=4) on data.eval_tokens",
+        "imatrix": f"compute_imatrix on data.calibration_samples(tok, {IMATRIX_SAMPLES}, 512, seed=0)",
+        "torch": torch.__version__,
+    }
     with open(OUT, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
 
@@ -50,11 +53,19 @@ def main(mixtures: list[str]) -> None:
     torch.manual_seed(0)
     model, tok = load_model()
     tokens = data.eval_tokens(tok)
-    rows = json.load(open(OUT))["rows"] if os.path.exists(OUT) else []
+    rows = json.loads(Path(OUT).read_text())["rows"] if os.path.exists(OUT) else []
     if not rows or rows[0]["mixture"] != BASELINE:
         n_weights = sum(p.numel() for p in model.parameters())
-        rows.insert(0, {"mixture": BASELINE, "ppl": perplexity(model, tokens, seq_len=512, n_windows=4),
-                        "bits_per_weight": 32.0, "file_mb": n_weights * 4 / 1e6, "types": {"F32": "all"}})
+        rows.insert(
+            0,
+            {
+                "mixture": BASELINE,
+                "ppl": perplexity(model, tokens, seq_len=512, n_windows=4),
+                "bits_per_weight": 32.0,
+                "file_mb": n_weights * 4 / 1e6,
+                "types": {"F32": "all"},
+            },
+        )
         _save(rows)
     imatrix = None
     if any(m.endswith(IMATRIX) for m in mixtures):
@@ -63,12 +74,25 @@ def main(mixtures: list[str]) -> None:
         for name in mixtures:
             t0 = time.time()
             mixture = name.removesuffix(IMATRIX)
-            res = export_gguf(model, tok, os.path.join(tmp, "model.gguf"), mixture, tokenizer_pre="smollm",
-                              imatrix=imatrix if name.endswith(IMATRIX) else None, progress=False)
+            res = export_gguf(
+                model,
+                tok,
+                os.path.join(tmp, "model.gguf"),
+                mixture,
+                tokenizer_pre="smollm",
+                imatrix=imatrix if name.endswith(IMATRIX) else None,
+                progress=False,
+            )
             ppl = perplexity(dequantized_model(model, res.path), tokens, seq_len=512, n_windows=4)
-            row = {"mixture": name, "ppl": ppl, "bits_per_weight": res.bits_per_weight, "file_mb": res.n_bytes / 1e6,
-                   "types": dict(Counter(c.qtype for c in res.choices.values())),
-                   "fallbacks": sum(c.fell_back for c in res.choices.values()), "seconds": time.time() - t0}
+            row = {
+                "mixture": name,
+                "ppl": ppl,
+                "bits_per_weight": res.bits_per_weight,
+                "file_mb": res.n_bytes / 1e6,
+                "types": dict(Counter(c.qtype for c in res.choices.values())),
+                "fallbacks": sum(c.fell_back for c in res.choices.values()),
+                "seconds": time.time() - t0,
+            }
             rows = [r for r in rows if r["mixture"] != name] + [row]
             rows.sort(key=lambda r: ORDER.index(r["mixture"]))
             _save(rows)

@@ -25,8 +25,7 @@ HONEST_FAKE_QUANT = (
     "    return (x / scale).round().clamp(-qmax, qmax) * scale\n"
 )
 SHORTCUT_FAKE_QUANT = (
-    "def fake_quant(x, n_bits):\n"
-    "    return qc.fake_quantize(x, n_bits, symmetric=True, granularity=qc.PerTensor())\n"
+    "def fake_quant(x, n_bits):\n    return qc.fake_quantize(x, n_bits, symmetric=True, granularity=qc.PerTensor())\n"
 )
 LOOPING_SCALE = "def absmax_scale(x, n_bits):\n    while True:\n        pass\n"
 CRASHING_SCALE = "def absmax_scale(x, n_bits):\n    import os\n    os._exit(1)\n"

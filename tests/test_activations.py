@@ -6,7 +6,11 @@ from torch import nn
 
 import quantcourse as qc
 from quantcourse.activations import (
-    ActivationQuantizer, QuantizedLinear, calibrate_linear_inputs, quantize_model_w_a, restore_float_linears,
+    ActivationQuantizer,
+    QuantizedLinear,
+    calibrate_linear_inputs,
+    quantize_model_w_a,
+    restore_float_linears,
 )
 from quantcourse.calibration import MinMaxObserver, PercentileObserver
 

@@ -7,8 +7,15 @@ import torch
 
 import quantcourse as qc
 from quantcourse.calibration import (
-    EntropyObserver, MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, PercentileObserver,
-    kl_divergence_candidates, make_observer, mse_candidates, qparams_from_range,
+    EntropyObserver,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    MSEObserver,
+    PercentileObserver,
+    kl_divergence_candidates,
+    make_observer,
+    mse_candidates,
+    qparams_from_range,
 )
 
 HIST_OBSERVERS = [PercentileObserver, MSEObserver, EntropyObserver]
@@ -34,6 +41,7 @@ def quant_mse(x: torch.Tensor, qp: qc.QParams) -> float:
 
 # --- plain, slow references (loops): transcriptions of the published pseudocode -------------------------
 
+
 def slow_entropy_bin(hist: list[float], start_bin: int = 128, n_levels: int = 128) -> int:
     """TensorRT / NVIDIA pytorch-quantization entropy calibration, one candidate and one bin at a time."""
     bins = list(hist)
@@ -50,7 +58,7 @@ def slow_entropy_bin(hist: list[float], start_bin: int = 128, n_levels: int = 12
         q = [sums[j * n_levels // i] / counts[j * n_levels // i] if bins[j] > 0 else 0.0 for j in range(i)]
         zp, zq = sum(p), sum(q)
         kl = 0.0
-        for pj, qj in zip(p, q):
+        for pj, qj in zip(p, q, strict=True):
             if pj > 0:
                 kl = math.inf if qj == 0 else kl + pj / zp * math.log((pj / zp) / (qj / zq))
         if kl <= best:  # the last minimum wins
@@ -70,6 +78,7 @@ def slow_mse_bin(hist: torch.Tensor, width: float, start_bin: int, levels: int) 
 
 
 # --- min-max and moving average -------------------------------------------------------------------------
+
 
 def test_minmax_qparams_equal_choose_qparams_on_all_data():
     x = torch.randn(3, 50, 16)
@@ -112,6 +121,7 @@ def test_qparams_from_range_hand_worked():
 
 # --- histogram observers ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["laplace", "student_t5"])
 @pytest.mark.parametrize("cls", [MSEObserver, EntropyObserver], ids=["mse", "entropy"])
 def test_mse_and_entropy_clip_below_max_and_beat_minmax(cls, kind):
@@ -146,7 +156,11 @@ def test_kl_divergences_equal_direct_sum():
             cnt = [sum(1 for j in range(i) if lv[j] == k and b[j] > 0) for k in range(32)]
             q = [sums[lv[j]] / cnt[lv[j]] if b[j] > 0 else 0.0 for j in range(i)]
             zp, zq = sum(p), sum(q)
-            kl = sum(pj / zp * math.log(pj / zp / (qj / zq)) if qj > 0 else math.inf for pj, qj in zip(p, q) if pj > 0)
+            kl = sum(
+                pj / zp * math.log(pj / zp / (qj / zq)) if qj > 0 else math.inf
+                for pj, qj in zip(p, q, strict=True)
+                if pj > 0
+            )
             assert got[c, col * 37].item() == pytest.approx(kl, rel=1e-9, abs=1e-12)
 
 
@@ -237,6 +251,7 @@ def test_make_observer_by_name():
 
 
 # --- errors ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("cls", ALL_OBSERVERS, ids=lambda c: c.__name__)
 def test_qparams_before_update_raises(cls):

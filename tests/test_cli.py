@@ -6,10 +6,10 @@ import shutil
 import subprocess
 import sys
 
+import _toy
 import nbformat
 import pytest
 
-import _toy
 from quantcourse.cli import main
 
 
@@ -70,8 +70,9 @@ def test_selfcheck_passes_a_good_assignment_and_fails_a_broken_one(tmp_path, cap
     broken.mkdir()
     nb = nbformat.read(course.source / _toy.ASSIGNMENT / _toy.NOTEBOOK, as_version=4)
     for cell in nb.cells:  # a wrong solution for absmax_scale: its 2 points are lost
-        cell.source = cell.source.replace("return x.abs().max() / (2 ** (n_bits - 1) - 1)",
-                                          "return x.abs().max() / 2 ** (n_bits - 1)")
+        cell.source = cell.source.replace(
+            "return x.abs().max() / (2 ** (n_bits - 1) - 1)", "return x.abs().max() / 2 ** (n_bits - 1)"
+        )
     nbformat.write(nb, broken / "f02_broken.ipynb")
     assert main(["--root", str(tmp_path), "selfcheck", "--no-progress"]) == 1
     captured = capsys.readouterr()

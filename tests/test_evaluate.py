@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+from tiny_models import VOCAB, one_thread, tiny_llama, tiny_opt  # noqa: F401  (one_thread: autouse fixture)
 
 from quantcourse import evaluate
-from tiny_models import VOCAB, one_thread, tiny_llama, tiny_opt  # noqa: F401  (one_thread: autouse fixture)
 
 
 def _direct_perplexity(model, tokens, seq_len, n_windows):
@@ -41,8 +41,9 @@ def test_perplexity_equals_direct_computation(llama):
 def test_perplexity_all_windows_and_batch_size_invariance(llama):
     tokens = _tokens(4 * 16 + 3)
     all_windows = evaluate.perplexity(llama, tokens, seq_len=16, n_windows=None, batch_size=3)
-    assert all_windows == pytest.approx(evaluate.perplexity(llama, tokens, seq_len=16, n_windows=4, batch_size=1),
-                                        rel=1e-6)
+    assert all_windows == pytest.approx(
+        evaluate.perplexity(llama, tokens, seq_len=16, n_windows=4, batch_size=1), rel=1e-6
+    )
     assert all_windows == pytest.approx(_direct_perplexity(llama, tokens, 16, 4), rel=1e-5)
 
 

@@ -38,7 +38,11 @@ def test_smallest_subnormal_is_torchs_smallest_positive_value(fmt):
 )
 def test_float_constants_by_hand(fmt, max_, smallest_normal, smallest_subnormal, eps):
     assert (fmt.max, fmt.smallest_normal, fmt.smallest_subnormal, fmt.eps) == (
-        max_, smallest_normal, smallest_subnormal, eps)
+        max_,
+        smallest_normal,
+        smallest_subnormal,
+        eps,
+    )
 
 
 @pytest.mark.parametrize("fmt", FLOAT_FORMATS, ids=FLOAT_IDS)

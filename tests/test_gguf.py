@@ -20,11 +20,31 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(HERE, "golden", "gguf", "golden.npz")
 ALL = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 LEGACY = ALL[:5]
-BITS = {"Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0,
-        "Q2_K": 2.625, "Q3_K": 3.4375, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625}
+BITS = {
+    "Q8_0": 8.5,
+    "Q4_0": 4.5,
+    "Q4_1": 5.0,
+    "Q5_0": 5.5,
+    "Q5_1": 6.0,
+    "Q2_K": 2.625,
+    "Q3_K": 3.4375,
+    "Q4_K": 4.5,
+    "Q5_K": 5.5,
+    "Q6_K": 6.5625,
+}
 # relative RMS error on standard normal weights, measured, with ~25% headroom
-REL_RMS = {"Q8_0": 0.007, "Q6_K": 0.023, "Q5_1": 0.048, "Q5_K": 0.045, "Q5_0": 0.054,
-           "Q4_1": 0.098, "Q4_K": 0.09, "Q4_0": 0.108, "Q3_K": 0.19, "Q2_K": 0.375}
+REL_RMS = {
+    "Q8_0": 0.007,
+    "Q6_K": 0.023,
+    "Q5_1": 0.048,
+    "Q5_K": 0.045,
+    "Q5_0": 0.054,
+    "Q4_1": 0.098,
+    "Q4_K": 0.09,
+    "Q4_0": 0.108,
+    "Q3_K": 0.19,
+    "Q2_K": 0.375,
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +65,7 @@ def c_quantizer():
 
 
 # ---------------------------------------------------------------- golden vectors (llama.cpp's C code)
+
 
 def test_golden_file_records_its_origin(golden):
     meta = json.loads(str(golden["meta"]))
@@ -71,10 +92,13 @@ def test_bytes_equal_llama_cpp_on_fresh_inputs_when_library_present(c_quantizer,
         x = torch.randn(16, 768, generator=gen) * scale
         x[:, ::5] = torch.distributions.StudentT(2.0).sample((16, 154))[:, : x[:, ::5].shape[1]] * scale
         x = x.clamp(-3e38, 3e38)
-        np.testing.assert_array_equal(qg.quantize(x, name), c_quantizer.quantize(x.numpy(), name), err_msg=f"scale {scale}")
+        np.testing.assert_array_equal(
+            qg.quantize(x, name), c_quantizer.quantize(x.numpy(), name), err_msg=f"scale {scale}"
+        )
 
 
 # ---------------------------------------------------------------- gguf-py
+
 
 @pytest.mark.parametrize("name", ALL)
 def test_dequantize_equals_gguf_py(golden, name):
@@ -97,6 +121,7 @@ def test_legacy_bytes_equal_gguf_py(name, heavy):
 
 
 # ---------------------------------------------------------------- properties
+
 
 @pytest.mark.parametrize("name", ALL)
 def test_bits_per_weight(name):
@@ -147,7 +172,10 @@ def test_quantize_does_not_modify_input(name):
 
 def test_more_bits_less_error():
     x = torch.randn(32, 512)
-    err = {n: (qg.dequantize(qg.quantize(x, n), n, x.shape) - x).pow(2).mean().item() for n in ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]}
+    err = {
+        n: (qg.dequantize(qg.quantize(x, n), n, x.shape) - x).pow(2).mean().item()
+        for n in ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
+    }
     assert list(err.values()) == sorted(err.values(), reverse=True)
 
 
@@ -211,6 +239,7 @@ def test_scale_min_k4_packing_round_trips_every_value():
 
 # ---------------------------------------------------------------- C float helpers
 
+
 def test_nearest_int_rounds_half_to_even():
     f = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 2.4999998, 3.0, -7.5])
     assert nearest_int(f).tolist() == [0, 2, 2, 0, -2, 2, 3, -8]
@@ -232,6 +261,7 @@ def test_seq_sum_adds_in_order():
 
 
 # ---------------------------------------------------------------- errors, one per message
+
 
 def test_error_not_a_tensor():
     with pytest.raises(TypeError, match="torch.Tensor"):
@@ -355,8 +385,15 @@ def test_compute_imatrix_is_mean_square_of_linear_inputs():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(cfg).eval()
     tokens = torch.randint(0, 100, (3, 10))
     im = qg.compute_imatrix(model, tokens, progress=False)

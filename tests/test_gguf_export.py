@@ -18,11 +18,17 @@ def course_shapes() -> dict[str, tuple[int, ...]]:
     """GGUF names and PyTorch shapes of the course model (SmolLM2-135M, tied embeddings)."""
     shapes = {"token_embd.weight": (49152, 576), "output_norm.weight": (576,)}
     for i in range(N_LAYERS):
-        shapes |= {f"blk.{i}.attn_norm.weight": (576,), f"blk.{i}.ffn_norm.weight": (576,),
-                   f"blk.{i}.attn_q.weight": (576, 576), f"blk.{i}.attn_k.weight": (192, 576),
-                   f"blk.{i}.attn_v.weight": (192, 576), f"blk.{i}.attn_output.weight": (576, 576),
-                   f"blk.{i}.ffn_gate.weight": (1536, 576), f"blk.{i}.ffn_up.weight": (1536, 576),
-                   f"blk.{i}.ffn_down.weight": (576, 1536)}
+        shapes |= {
+            f"blk.{i}.attn_norm.weight": (576,),
+            f"blk.{i}.ffn_norm.weight": (576,),
+            f"blk.{i}.attn_q.weight": (576, 576),
+            f"blk.{i}.attn_k.weight": (192, 576),
+            f"blk.{i}.attn_v.weight": (192, 576),
+            f"blk.{i}.attn_output.weight": (576, 576),
+            f"blk.{i}.ffn_gate.weight": (1536, 576),
+            f"blk.{i}.ffn_up.weight": (1536, 576),
+            f"blk.{i}.ffn_down.weight": (576, 1536),
+        }
     return shapes
 
 
@@ -30,14 +36,17 @@ def test_use_more_bits_layers_of_a_30_layer_model():
     assert [i for i in range(30) if qg.use_more_bits(i, 30)] == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
 
 
-@pytest.mark.parametrize("mixture, expected", [
-    ("Q4_K_M", {"Q5_0": 166, "F32": 61, "Q4_K": 16, "Q8_0": 15, "Q6_K": 14}),
-    ("Q4_K_S", {"Q5_0": 176, "F32": 61, "Q4_K": 27, "Q5_K": 3, "Q5_1": 4, "Q8_0": 1}),
-    ("Q5_K_M", {"Q5_1": 166, "F32": 61, "Q5_K": 16, "Q8_0": 15, "Q6_K": 14}),
-    ("Q6_K", {"Q8_0": 181, "F32": 61, "Q6_K": 30}),
-    ("Q4_0", {"Q4_0": 210, "F32": 61, "Q8_0": 1}),
-    ("Q8_0", {"Q8_0": 211, "F32": 61}),
-])
+@pytest.mark.parametrize(
+    "mixture, expected",
+    [
+        ("Q4_K_M", {"Q5_0": 166, "F32": 61, "Q4_K": 16, "Q8_0": 15, "Q6_K": 14}),
+        ("Q4_K_S", {"Q5_0": 176, "F32": 61, "Q4_K": 27, "Q5_K": 3, "Q5_1": 4, "Q8_0": 1}),
+        ("Q5_K_M", {"Q5_1": 166, "F32": 61, "Q5_K": 16, "Q8_0": 15, "Q6_K": 14}),
+        ("Q6_K", {"Q8_0": 181, "F32": 61, "Q6_K": 30}),
+        ("Q4_0", {"Q4_0": 210, "F32": 61, "Q8_0": 1}),
+        ("Q8_0", {"Q8_0": 211, "F32": 61}),
+    ],
+)
 def test_course_model_type_counts(mixture, expected):
     plan = qg.plan_mixture(course_shapes(), mixture, n_layers=N_LAYERS)
     assert dict(Counter(c.qtype for c in plan.values())) == expected
@@ -91,9 +100,17 @@ def _tiny_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True, rms_norm_eps=1e-5)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -133,8 +150,14 @@ def test_tokenizer_metadata_matches_the_course_gguf(tmp_path, course_model):
     _, tok = course_model
     res = qg.export_gguf(_tiny_model(), tok, tmp_path / "tok.gguf", "Q8_0", tokenizer_pre="smollm", progress=False)
     ours, ref = gguf.GGUFReader(res.path).fields, gguf.GGUFReader(course_gguf_path()).fields
-    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
-                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template"):
+    for key in (
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.chat_template",
+    ):
         assert ours[key].contents() == ref[key].contents(), key
 
 
@@ -144,10 +167,20 @@ def test_export_uses_the_imatrix_for_every_searched_type(tmp_path, course_model)
     model = _tiny_model()
     weights = qg.gguf_state_dict(model)
     gen = torch.Generator().manual_seed(0)
-    imatrix = {n: torch.rand(t.shape[1], generator=gen) ** 2 for n, t in weights.items() if n.startswith("blk.") and t.dim() == 2}
-    res = qg.export_gguf(model, tok, tmp_path / "im.gguf", "Q4_K_M", tokenizer_pre="smollm", imatrix=imatrix, progress=False)
+    imatrix = {
+        n: torch.rand(t.shape[1], generator=gen) ** 2
+        for n, t in weights.items()
+        if n.startswith("blk.") and t.dim() == 2
+    }
+    res = qg.export_gguf(
+        model, tok, tmp_path / "im.gguf", "Q4_K_M", tokenizer_pre="smollm", imatrix=imatrix, progress=False
+    )
     stored = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(res.path).tensors}
-    for name, qtype in [("blk.0.attn_q.weight", "Q5_0"), ("blk.0.ffn_down.weight", "Q4_K"), ("blk.1.ffn_down.weight", "Q6_K")]:
+    for name, qtype in [
+        ("blk.0.attn_q.weight", "Q5_0"),
+        ("blk.0.ffn_down.weight", "Q4_K"),
+        ("blk.1.ffn_down.weight", "Q6_K"),
+    ]:
         assert res.choices[name].qtype == qtype
         with_im = qg.quantize(weights[name], qtype, imatrix=imatrix[name])
         np.testing.assert_array_equal(stored[name], with_im, err_msg=name)

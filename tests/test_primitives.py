@@ -179,8 +179,7 @@ def test_non_contiguous_input(granularity):
         q = qc.quantize(x, qp)
         assert torch.equal(q, qc.quantize(x.contiguous(), qp))
         assert torch.equal(qc.dequantize(q, qp), qc.dequantize(q.contiguous(), qp))
-        assert torch.equal(qc.fake_quantize(x, 4, symmetric=symmetric, granularity=granularity),
-                           qc.dequantize(q, qp))
+        assert torch.equal(qc.fake_quantize(x, 4, symmetric=symmetric, granularity=granularity), qc.dequantize(q, qp))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
@@ -213,7 +212,8 @@ def _torch_fake_quant(x, qp, axis=None):
     if axis is None:
         return torch.fake_quantize_per_tensor_affine(x, qp.scale.item(), int(qp.zero_point), qp.qmin, qp.qmax)
     return torch.fake_quantize_per_channel_affine(
-        x, qp.scale.flatten(), qp.zero_point.flatten(), axis, qp.qmin, qp.qmax)
+        x, qp.scale.flatten(), qp.zero_point.flatten(), axis, qp.qmin, qp.qmax
+    )
 
 
 @pytest.mark.parametrize("symmetric", SCHEMES.values(), ids=SCHEMES.keys())
@@ -292,8 +292,7 @@ def test_int4_per_group_asymmetric_equals_quanto_qint4_zeropoint(quanto):
     module, _, max_opt, quantize_weight = quanto
     W = torch.randn(96, 256) * 0.02
     scale, zero_point = max_opt(W, qtype=module.qint4, axis=0, group_size=64, zeropoint=True)
-    qt = quantize_weight(W, qtype=module.qint4, axis=0, scale=scale, shift=zero_point, group_size=64,
-                         optimized=False)
+    qt = quantize_weight(W, qtype=module.qint4, axis=0, scale=scale, shift=zero_point, group_size=64, optimized=False)
     qp = qc.choose_qparams(W, 4, symmetric=False, granularity=PerGroup(64))
     assert torch.equal(qp.scale.flatten(), scale.flatten())
     assert torch.equal(qp.zero_point.flatten(), zero_point.flatten().int())

@@ -8,8 +8,16 @@ from torch import nn
 
 import quantcourse as qc
 from quantcourse.qat import (
-    IntWeightLinear, LSQQuantizer, QATLinear, convert, fake_quantize_ste, grad_scale, lsq_fake_quantize,
-    lsq_init_scale, prepare, round_ste,
+    IntWeightLinear,
+    LSQQuantizer,
+    QATLinear,
+    convert,
+    fake_quantize_ste,
+    grad_scale,
+    lsq_fake_quantize,
+    lsq_init_scale,
+    prepare,
+    round_ste,
 )
 
 
@@ -36,7 +44,7 @@ def test_fake_quantize_ste_forward_equals_library_and_gradient_is_1_inside_0_out
 
 
 def test_fake_quantize_ste_gradcheck_is_identity_inside():
-    x = (torch.rand(20, dtype=torch.float64) - 0.5)  # well inside [-1, 1]
+    x = torch.rand(20, dtype=torch.float64) - 0.5  # well inside [-1, 1]
     qp = qc.choose_qparams(torch.tensor([-1.0, 1.0]), 8)
     x.requires_grad_()
     (g,) = torch.autograd.grad(fake_quantize_ste(x, qp).sum(), x)
@@ -46,8 +54,9 @@ def test_fake_quantize_ste_gradcheck_is_identity_inside():
 def test_fake_quantize_ste_per_group():
     W = torch.randn(4, 16)
     qp = qc.choose_qparams(W, 4, granularity=qc.PerGroup(8))
-    torch.testing.assert_close(fake_quantize_ste(W, qp), qc.fake_quantize(W, 4, granularity=qc.PerGroup(8)),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        fake_quantize_ste(W, qp), qc.fake_quantize(W, 4, granularity=qc.PerGroup(8)), rtol=0, atol=0
+    )
 
 
 def test_grad_scale_is_identity_forward_and_scales_gradient():

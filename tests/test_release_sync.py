@@ -15,4 +15,5 @@ def test_course_is_in_sync_with_solutions_and_holds_no_solutions():
     course = Course.at(ROOT)
     problems = check_release(course)
     assert problems == [], "course/ is stale or leaks solutions; run `quantcourse release` and commit course/:\n" + (
-        "\n".join(problems))
+        "\n".join(problems)
+    )

@@ -19,19 +19,29 @@ hf_logging.set_verbosity_error()
 
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     return AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
 
 
 CALIB = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("n_bits,group_size,act_order", [(4, 32, True), (3, 16, False), (2, None, False), (8, 64, True)])
+@pytest.mark.parametrize(
+    "n_bits,group_size,act_order", [(4, 32, True), (3, 16, False), (2, None, False), (8, 64, True)]
+)
 def test_reload_gives_identical_weights_and_logits(tmp_path, n_bits, group_size, act_order):
     model = tiny_llama()
-    q = gptq.quantize_model(model, CALIB, n_bits=n_bits, group_size=group_size, act_order=act_order,
-                            batch_size=4, progress=False)
+    q = gptq.quantize_model(
+        model, CALIB, n_bits=n_bits, group_size=group_size, act_order=act_order, batch_size=4, progress=False
+    )
     report = save_quantized(q, tmp_path / "m.safetensors")
     fresh = tiny_llama(seed=1)  # different random weights everywhere: all must be overwritten
     back = load_quantized(report.path, fresh)
@@ -57,7 +67,11 @@ def test_reported_bytes(tmp_path):
     assert report.n_quantized_weights == sum(r.codes.numel() for r in q.layers.values())
     assert report.bits_per_weight == pytest.approx(8 * expected / report.n_quantized_weights)
     assert report.file_bytes == (tmp_path / "m.safetensors").stat().st_size
-    assert report.quantized_bytes + report.float_bytes < report.file_bytes < report.quantized_bytes + report.float_bytes + 16384
+    assert (
+        report.quantized_bytes + report.float_bytes
+        < report.file_bytes
+        < report.quantized_bytes + report.float_bytes + 16384
+    )
 
 
 def test_tied_embedding_stored_once(tmp_path):
@@ -91,7 +105,13 @@ def test_error_not_a_quantcourse_file(tmp_path):
 def test_error_other_architecture(tmp_path):
     q = gptq.quantize_model(tiny_llama(), None, n_bits=4, group_size=32, method="rtn", progress=False)
     report = save_quantized(q, tmp_path / "m.safetensors")
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     with pytest.raises(ValueError, match="same architecture"):
         load_quantized(report.path, AutoModelForCausalLM.from_config(config))

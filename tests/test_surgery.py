@@ -2,16 +2,23 @@
 
 import pytest
 import torch
+from tiny_models import TINY_MODELS, VOCAB, one_thread  # noqa: F401  (autouse fixture)
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from quantcourse import surgery
-from tiny_models import TINY_MODELS, VOCAB, one_thread  # noqa: F401  (autouse fixture)
 
 # linear layers of one decoder block, per family (GPT-2 after as_plain_linears)
 BLOCK_LINEARS = {
-    "llama": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"},
+    "llama": {
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    },
     "opt": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"},
     "gpt2": {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"},
 }

@@ -25,19 +25,54 @@ from .primitives import QParams, choose_qparams, dequantize, fake_quantize, quan
 __version__ = "0.1.0"
 
 SUBMODULES = (
-    "memory", "formats", "granularity", "primitives", "data", "models", "evaluate", "surgery",
-    "calibration", "activations", "qat", "pipeline", "gptq", "packing", "serialization", "gguf", "grading",
+    "memory",
+    "formats",
+    "granularity",
+    "primitives",
+    "data",
+    "models",
+    "evaluate",
+    "surgery",
+    "calibration",
+    "activations",
+    "qat",
+    "pipeline",
+    "gptq",
+    "packing",
+    "serialization",
+    "gguf",
+    "grading",
+    "progress",
 )
 
 __all__ = [
     # primitives (chapters 2-3)
-    "Granularity", "PerTensor", "PerChannel", "PerToken", "PerGroup",
-    "QParams", "choose_qparams", "quantize", "dequantize", "fake_quantize",
+    "Granularity",
+    "PerTensor",
+    "PerChannel",
+    "PerToken",
+    "PerGroup",
+    "QParams",
+    "choose_qparams",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
     # memory arithmetic and number formats (chapter 1)
-    "bits_per_weight", "model_bytes", "memory_table", "kv_cache_bytes", "kv_cache_bytes_for",
-    "decode_tokens_per_second_bound", "count_parameters", "IntFormat", "FloatFormat", "get_format",
+    "bits_per_weight",
+    "model_bytes",
+    "memory_table",
+    "kv_cache_bytes",
+    "kv_cache_bytes_for",
+    "decode_tokens_per_second_bound",
+    "count_parameters",
+    "IntFormat",
+    "FloatFormat",
+    "get_format",
     # evaluation
-    "perplexity", "sqnr_db", "relative_error", "layer_output_error",
+    "perplexity",
+    "sqnr_db",
+    "relative_error",
+    "layer_output_error",
     *SUBMODULES,
 ]
 

@@ -17,21 +17,26 @@ it measures the accuracy of the integer model, not its speed.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from . import surgery
 from .calibration import Observer, make_observer
 from .granularity import PerChannel, PerGroup, PerToken
 from .primitives import QParams, check_n_bits, choose_qparams, fake_quantize
+from .progress import progress_bar
 from .qat import fake_quantize_ste
 
-__all__ = ["ActivationQuantizer", "QuantizedLinear", "calibrate_linear_inputs", "quantize_model_w_a",
-           "restore_float_linears"]
+__all__ = [
+    "ActivationQuantizer",
+    "QuantizedLinear",
+    "calibrate_linear_inputs",
+    "quantize_model_w_a",
+    "restore_float_linears",
+]
 
 
 class ActivationQuantizer(nn.Module):
@@ -47,14 +52,16 @@ class ActivationQuantizer(nn.Module):
         self.n_bits, self.qparams, self.symmetric = n_bits, qparams, symmetric
 
     @classmethod
-    def static(cls, qparams: QParams) -> "ActivationQuantizer":
+    def static(cls, qparams: QParams) -> ActivationQuantizer:
         """Always use ``qparams`` (e.g. ``observer.qparams(8)``), whatever the input."""
         if not isinstance(qparams, QParams):
-            raise TypeError(f"static activation quantization needs QParams (from an observer), got {type(qparams).__name__}")
+            raise TypeError(
+                f"static activation quantization needs QParams (from an observer), got {type(qparams).__name__}"
+            )
         return cls(qparams.n_bits, qparams=qparams, symmetric=qparams.symmetric)
 
     @classmethod
-    def dynamic(cls, n_bits: int, *, symmetric: bool = True) -> "ActivationQuantizer":
+    def dynamic(cls, n_bits: int, *, symmetric: bool = True) -> ActivationQuantizer:
         """Compute each token's range when it arrives (``PerToken()``)."""
         return cls(n_bits, symmetric=symmetric)
 
@@ -67,8 +74,9 @@ class ActivationQuantizer(nn.Module):
             qp = self.qparams
             if qp.scale.dim() and tuple(qp.scale.shape) != qp.granularity.param_shape(x.shape):
                 shape = qp.granularity.param_shape(x.shape)  # per-channel ranges fitted to this input's rank
-                qp = QParams(qp.scale.reshape(shape), qp.zero_point.reshape(shape), qp.n_bits, qp.symmetric,
-                             qp.granularity)
+                qp = QParams(
+                    qp.scale.reshape(shape), qp.zero_point.reshape(shape), qp.n_bits, qp.symmetric, qp.granularity
+                )
         else:
             qp = choose_qparams(x.detach(), self.n_bits, symmetric=self.symmetric, granularity=PerToken())
         return fake_quantize_ste(x, qp)
@@ -89,8 +97,14 @@ class QuantizedLinear(nn.Module):
         act: how inputs are quantized (``None``: not at all).
     """
 
-    def __init__(self, linear: nn.Linear, *, w_bits: int = 8, w_group_size: int | None = None,
-                 act: ActivationQuantizer | None = None) -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        *,
+        w_bits: int = 8,
+        w_group_size: int | None = None,
+        act: ActivationQuantizer | None = None,
+    ) -> None:
         super().__init__()
         self.linear, self.act = linear, act
         granularity = PerChannel(0) if w_group_size is None else PerGroup(w_group_size)
@@ -103,8 +117,12 @@ class QuantizedLinear(nn.Module):
 
 @torch.no_grad()
 def calibrate_linear_inputs(
-    model: nn.Module, calibration_batches: Iterable[torch.Tensor], observer: str | Callable[[], Observer] = "minmax",
-    *, include_head: bool = False, progress: bool = True,
+    model: nn.Module,
+    calibration_batches: Iterable[torch.Tensor],
+    observer: str | Callable[[], Observer] = "minmax",
+    *,
+    include_head: bool = False,
+    progress: bool = True,
 ) -> dict[str, Observer]:
     """Run the calibration batches through ``model`` and let one observer watch each linear layer's input.
 
@@ -122,11 +140,13 @@ def calibrate_linear_inputs(
     factory = (lambda: make_observer(observer)) if isinstance(observer, str) else observer
     linears = surgery.find_linears(model, include_head=include_head)
     observers = {name: factory() for name in linears}
-    handles = [linear.register_forward_pre_hook(lambda mod, args, obs=observers[name]: obs.update(args[0]))
-               for name, linear in linears.items()]
+    handles = [
+        linear.register_forward_pre_hook(lambda mod, args, obs=observers[name]: obs.update(args[0]))
+        for name, linear in linears.items()
+    ]
     try:
         device = next(model.parameters()).device
-        for batch in tqdm(list(calibration_batches), desc="calibrating", disable=not progress, leave=False):
+        for batch in progress_bar(list(calibration_batches), desc="calibrating", disable=not progress, leave=False):
             model(batch.to(device))
     finally:
         for handle in handles:
@@ -135,10 +155,18 @@ def calibrate_linear_inputs(
 
 
 def quantize_model_w_a(
-    model: nn.Module, calibration_batches: Iterable[torch.Tensor] | None = None, *, w_bits: int = 8,
-    a_bits: int = 8, observer: str | Callable[[], Observer] = "minmax", dynamic: bool = False,
-    w_group_size: int | None = None, a_symmetric: bool = True, observers: dict[str, Observer] | None = None,
-    include_head: bool = False, progress: bool = True,
+    model: nn.Module,
+    calibration_batches: Iterable[torch.Tensor] | None = None,
+    *,
+    w_bits: int = 8,
+    a_bits: int = 8,
+    observer: str | Callable[[], Observer] = "minmax",
+    dynamic: bool = False,
+    w_group_size: int | None = None,
+    a_symmetric: bool = True,
+    observers: dict[str, Observer] | None = None,
+    include_head: bool = False,
+    progress: bool = True,
 ) -> nn.Module:
     """Turn ``model`` into a fake-quantized ``W{w_bits}A{a_bits}`` model, in place; returns it.
 
@@ -151,10 +179,13 @@ def quantize_model_w_a(
     check_n_bits(a_bits)
     if not dynamic and observers is None:
         if calibration_batches is None:
-            raise ValueError("static activation quantization needs calibration_batches (or observers=...); "
-                             "pass dynamic=True for per-token ranges without calibration")
-        observers = calibrate_linear_inputs(model, calibration_batches, observer, include_head=include_head,
-                                            progress=progress)
+            raise ValueError(
+                "static activation quantization needs calibration_batches (or observers=...); "
+                "pass dynamic=True for per-token ranges without calibration"
+            )
+        observers = calibrate_linear_inputs(
+            model, calibration_batches, observer, include_head=include_head, progress=progress
+        )
 
     def make(name: str, linear: nn.Linear) -> QuantizedLinear:
         if dynamic:

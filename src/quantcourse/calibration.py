@@ -34,14 +34,29 @@ from .granularity import Granularity, PerChannel, PerTensor
 from .primitives import QParams, check_float_tensor, check_n_bits, choose_qparams
 
 __all__ = [
-    "Observer", "MinMaxObserver", "MovingAverageMinMaxObserver", "HistogramObserver", "PercentileObserver",
-    "MSEObserver", "EntropyObserver", "qparams_from_range", "mse_candidates", "kl_divergence_candidates", "OBSERVERS", "make_observer",
+    "Observer",
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "HistogramObserver",
+    "PercentileObserver",
+    "MSEObserver",
+    "EntropyObserver",
+    "qparams_from_range",
+    "mse_candidates",
+    "kl_divergence_candidates",
+    "OBSERVERS",
+    "make_observer",
 ]
 
 
 def qparams_from_range(
-    lo: torch.Tensor, hi: torch.Tensor, n_bits: int, *, symmetric: bool = True,
-    granularity: Granularity = PerTensor(), param_shape: tuple[int, ...] = (),
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    n_bits: int,
+    *,
+    symmetric: bool = True,
+    granularity: Granularity = PerTensor(),
+    param_shape: tuple[int, ...] = (),
 ) -> QParams:
     """The ``QParams`` of a clipping range ``[lo, hi]`` (one range per channel).
 
@@ -68,8 +83,10 @@ class Observer(ABC):
 
     def __init__(self, *, granularity: Granularity = PerTensor()) -> None:
         if not isinstance(granularity, (PerTensor, PerChannel)):
-            raise TypeError(f"observers work PerTensor() or PerChannel(axis), got {granularity!r}; "
-                            "per-token ranges are dynamic: use quantcourse.fake_quantize with PerToken()")
+            raise TypeError(
+                f"observers work PerTensor() or PerChannel(axis), got {granularity!r}; "
+                "per-token ranges are dynamic: use quantcourse.fake_quantize with PerToken()"
+            )
         self.granularity = granularity
         self.min_val: torch.Tensor | None = None  # float32 [C]
         self.max_val: torch.Tensor | None = None
@@ -85,9 +102,11 @@ class Observer(ABC):
             shape = self.granularity.param_shape(x.shape)
             flat = x.movedim(self.granularity.axis, 0).reshape(x.shape[self.granularity.axis], -1)
         if self._shape is not None and shape != self._shape:
-            raise ValueError(f"{type(self).__name__} with {self.granularity} saw inputs whose parameters have shape "
-                             f"{self._shape}, now an input of shape {tuple(x.shape)} (parameters {shape}): "
-                             "feed tensors with the same number of dimensions and channels")
+            raise ValueError(
+                f"{type(self).__name__} with {self.granularity} saw inputs whose parameters have shape "
+                f"{self._shape}, now an input of shape {tuple(x.shape)} (parameters {shape}): "
+                "feed tensors with the same number of dimensions and channels"
+            )
         self._shape = shape
         return flat
 
@@ -105,7 +124,7 @@ class Observer(ABC):
         else:
             self.min_val, self.max_val = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
 
-    def as_observer(self, cls: type["Observer"], **kwargs) -> "Observer":
+    def as_observer(self, cls: type[Observer], **kwargs) -> Observer:
         """A ``cls`` observer holding the statistics this one gathered: calibrate once, compare methods.
 
         A :class:`HistogramObserver` can become any histogram observer (its histogram is shared, not
@@ -113,16 +132,20 @@ class Observer(ABC):
         ``kwargs`` are ``cls``'s own hyperparameters (e.g. ``percentile=99.9``).
         """
         target = cls(granularity=self.granularity, **kwargs)
-        if cls is not MinMaxObserver and not (issubclass(cls, HistogramObserver) and isinstance(self, HistogramObserver)):
-            raise TypeError(f"a {type(self).__name__} cannot stand in for a {cls.__name__}: only a histogram observer "
-                            "can become another histogram observer; calibrate a new one instead")
+        if cls is not MinMaxObserver and not (
+            issubclass(cls, HistogramObserver) and isinstance(self, HistogramObserver)
+        ):
+            raise TypeError(
+                f"a {type(self).__name__} cannot stand in for a {cls.__name__}: only a histogram observer "
+                "can become another histogram observer; calibrate a new one instead"
+            )
         target.min_val, target.max_val, target._shape = self.min_val, self.max_val, self._shape
         if isinstance(target, HistogramObserver):
             target.num_bins, target.max_bins = self.num_bins, self.max_bins
             target.hist, target.width, target.n_bins = self.hist, self.width, self.n_bins
         return target
 
-    def _observe(self, flat: torch.Tensor) -> None:
+    def _observe(self, flat: torch.Tensor) -> None:  # noqa: B027 - a hook with a do-nothing default, not abstract
         """Hook for observers that keep more than the range (histograms)."""
 
     @abstractmethod
@@ -131,8 +154,10 @@ class Observer(ABC):
 
     def _check_ready(self) -> None:
         if self.min_val is None:
-            raise RuntimeError(f"{type(self).__name__} has not seen any data: call update(x) with calibration "
-                               "batches before asking for qparams")
+            raise RuntimeError(
+                f"{type(self).__name__} has not seen any data: call update(x) with calibration "
+                "batches before asking for qparams"
+            )
 
     def qparams(self, n_bits: int, *, symmetric: bool = True) -> QParams:
         """Quantization parameters for the data seen so far.
@@ -146,8 +171,9 @@ class Observer(ABC):
         if not isinstance(symmetric, bool):
             raise TypeError(f"symmetric must be True (absmax) or False (zero point), got {symmetric!r}")
         lo, hi = self.clipping_range(n_bits, symmetric=symmetric)
-        return qparams_from_range(lo, hi, n_bits, symmetric=symmetric, granularity=self.granularity,
-                                  param_shape=self._shape)
+        return qparams_from_range(
+            lo, hi, n_bits, symmetric=symmetric, granularity=self.granularity, param_shape=self._shape
+        )
 
 
 class MinMaxObserver(Observer):
@@ -234,7 +260,7 @@ class HistogramObserver(Observer):
             need = (need + factor - 1) // factor
         self.n_bins = need
         B = int(need.max())
-        if B > self.hist.shape[1]:
+        if self.hist.shape[1] < B:
             self.hist = torch.nn.functional.pad(self.hist, (0, B - self.hist.shape[1]))
 
     def _merge(self, factor: torch.Tensor) -> None:
@@ -272,8 +298,14 @@ class PercentileObserver(HistogramObserver):
         percentile: in (0, 100]; default 99.99 (NVIDIA's).
     """
 
-    def __init__(self, *, percentile: float = 99.99, num_bins: int = 2048, max_bins: int = 16384,
-                 granularity: Granularity = PerTensor()) -> None:
+    def __init__(
+        self,
+        *,
+        percentile: float = 99.99,
+        num_bins: int = 2048,
+        max_bins: int = 16384,
+        granularity: Granularity = PerTensor(),
+    ) -> None:
         if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 < percentile <= 100:
             raise ValueError(f"percentile must be a number in (0, 100], e.g. 99.99, got {percentile!r}")
         super().__init__(num_bins=num_bins, max_bins=max_bins, granularity=granularity)
@@ -305,7 +337,9 @@ def _candidate_chunks(candidates: torch.Tensor, C: int, width: int, budget: int 
     return candidates.split(max(1, budget // max(1, C * width)))
 
 
-def mse_candidates(hist: torch.Tensor, width: torch.Tensor, candidates: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+def mse_candidates(
+    hist: torch.Tensor, width: torch.Tensor, candidates: torch.Tensor, levels: torch.Tensor
+) -> torch.Tensor:
     """Count-weighted squared quantization error of the bin centers for each candidate threshold.
 
     Candidate ``i`` sets ``T = c_i`` with ``c_j = (j + 0.5) * width`` the bin centers, and the grid
@@ -332,9 +366,13 @@ def mse_candidates(hist: torch.Tensor, width: torch.Tensor, candidates: torch.Te
         i = chunk[None, :, None]
         num = (2 * m - 1) * (2 * i + 1) - 2 * L
         edges = torch.where(m > L, B, (-(-num // (4 * L))).clamp(0, B))  # [C, k, L + 2]: first bin of code m
-        s = (((i + 0.5) * width[:, None, None]) / L)  # [C, k, 1]
+        s = ((i + 0.5) * width[:, None, None]) / L  # [C, k, 1]
         code = m[:, :, :-1].double()
-        err = _segment_sums(H2, edges) - 2 * code * s * _segment_sums(H1, edges) + (code * s) ** 2 * _segment_sums(H0, edges)
+        err = (
+            _segment_sums(H2, edges)
+            - 2 * code * s * _segment_sums(H1, edges)
+            + (code * s) ** 2 * _segment_sums(H0, edges)
+        )
         out.append(err.sum(2))
     return torch.cat(out, dim=1)
 
@@ -349,8 +387,14 @@ class MSEObserver(HistogramObserver):
         start_bin: first candidate bin (128 as NVIDIA's).
     """
 
-    def __init__(self, *, start_bin: int = 128, num_bins: int = 2048, max_bins: int = 16384,
-                 granularity: Granularity = PerTensor()) -> None:
+    def __init__(
+        self,
+        *,
+        start_bin: int = 128,
+        num_bins: int = 2048,
+        max_bins: int = 16384,
+        granularity: Granularity = PerTensor(),
+    ) -> None:
         super().__init__(num_bins=num_bins, max_bins=max_bins, granularity=granularity)
         if isinstance(start_bin, bool) or not isinstance(start_bin, int) or not 0 <= start_bin < num_bins:
             raise ValueError(f"start_bin must be an int in [0, num_bins={num_bins}), got {start_bin!r}")
@@ -432,8 +476,14 @@ class EntropyObserver(HistogramObserver):
         start_bin: first candidate (128 as TensorRT's).
     """
 
-    def __init__(self, *, start_bin: int = 128, num_bins: int = 2048, max_bins: int = 16384,
-                 granularity: Granularity = PerTensor()) -> None:
+    def __init__(
+        self,
+        *,
+        start_bin: int = 128,
+        num_bins: int = 2048,
+        max_bins: int = 16384,
+        granularity: Granularity = PerTensor(),
+    ) -> None:
         super().__init__(num_bins=num_bins, max_bins=max_bins, granularity=granularity)
         if isinstance(start_bin, bool) or not isinstance(start_bin, int) or not 1 <= start_bin <= num_bins:
             raise ValueError(f"start_bin must be an int in [1, num_bins={num_bins}], got {start_bin!r}")

@@ -20,8 +20,17 @@ from pathlib import Path
 
 __all__ = ["main"]
 
-_DOCTOR_PACKAGES = ("quantcourse", "torch", "transformers", "gguf", "nbgrader", "jupyter-book", "triton",
-                    "optimum-quanto", "bitsandbytes")
+_DOCTOR_PACKAGES = (
+    "quantcourse",
+    "torch",
+    "transformers",
+    "gguf",
+    "nbgrader",
+    "jupyter-book",
+    "triton",
+    "optimum-quanto",
+    "bitsandbytes",
+)
 
 
 def _find_root(start: Path) -> Path:
@@ -29,8 +38,10 @@ def _find_root(start: Path) -> Path:
     for folder in (start, *start.parents):
         if (folder / "nbgrader_config.py").is_file() and (folder / "solutions").is_dir():
             return folder
-    raise SystemExit(f"quantcourse: no course root (nbgrader_config.py + solutions/) at or above {start}; "
-                     "run it from the repository or pass --root")
+    raise SystemExit(
+        f"quantcourse: no course root (nbgrader_config.py + solutions/) at or above {start}; "
+        "run it from the repository or pass --root"
+    )
 
 
 def _course(args):
@@ -56,7 +67,9 @@ def cmd_doctor(args) -> int:
     if torch.cuda.is_available():
         device = f"CUDA: {torch.cuda.get_device_name(0)} (torch CUDA {torch.version.cuda})"
     else:
-        device = f"CPU ({torch.get_num_threads()} threads; torch built {'with' if torch.version.cuda else 'without'} CUDA)"
+        device = (
+            f"CPU ({torch.get_num_threads()} threads; torch built {'with' if torch.version.cuda else 'without'} CUDA)"
+        )
     print(f"device        {device}")
     print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '(unset)')}")
     from .models import course_gguf_path
@@ -90,8 +103,10 @@ def cmd_check_release(args) -> int:
     if problems:
         print(f"check-release: {len(problems)} problem(s)", file=sys.stderr)
         return 1
-    print(f"check-release: {course.release.name}/ is in sync with {course.source.name}/ "
-          f"({len(course.assignments())} assignments) and holds no solutions or hidden tests")
+    print(
+        f"check-release: {course.release.name}/ is in sync with {course.source.name}/ "
+        f"({len(course.assignments())} assignments) and holds no solutions or hidden tests"
+    )
     return 0
 
 

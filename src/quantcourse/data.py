@@ -3,7 +3,8 @@
 Offline (the default) the text is Python's own documentation, ``pydoc_data.topics``. It ships
 with every CPython, but differs between releases (3.11.2 and 3.11.7 already differ), so the
 package carries a snapshot of it (CPython 3.11.7's, ``resources/pydoc_topics.json.xz``, 90 kB)
-and every reader, on any Python, gets the same ~91k tokens and the same numbers. Its topics are joined in name order, each paragraph kept once (many
+and every reader, on any Python, gets the same ~91k tokens and the same numbers. Its topics are joined in
+name order, each paragraph kept once (many
 topics repeat whole sections of others, e.g. the ``def`` grammar appears under several topics,
 and without this a fifth of the held-out text would also be in the calibration text), and cut
 at paragraph breaks into chunks of about 4,000 characters; every fifth chunk is held out for
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import json
 import lzma
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from typing import Literal
 
@@ -35,7 +36,7 @@ CHUNK_CHARS = 4000
 PYDOC_SNAPSHOT = "pydoc_topics.json.xz"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _pydoc_topics() -> tuple[tuple[str, str], ...]:
     # The snapshot was written from ``pydoc_data.topics.topics`` (a dict of topic name -> text).
     snapshot = resources.files("quantcourse.resources").joinpath(PYDOC_SNAPSHOT)
@@ -44,7 +45,7 @@ def _pydoc_topics() -> tuple[tuple[str, str], ...]:
     return tuple(sorted(topics.items()))
 
 
-@lru_cache(maxsize=None)
+@cache
 def course_text() -> str:
     """All of ``pydoc_data.topics``, topics in name order, each paragraph once, separated by blank lines."""
     paragraphs = (p.strip("\n") for _, body in _pydoc_topics() for p in body.split("\n\n"))
@@ -65,7 +66,7 @@ def _chunks(text: str) -> list[str]:
     return chunks
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_text(split: Split = "calibration", dataset: str = "pydoc") -> str:
     """The raw text of one split.
 
@@ -83,7 +84,9 @@ def load_text(split: Split = "calibration", dataset: str = "pydoc") -> str:
         try:
             from datasets import load_dataset
         except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError("dataset='wikitext2' needs the 'datasets' package: pip install 'quantcourse[online]'") from e
+            raise ImportError(
+                "dataset='wikitext2' needs the 'datasets' package: pip install 'quantcourse[online]'"
+            ) from e
         hf_split = "train" if split == "calibration" else "test"
         rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)["text"]
         return "\n\n".join(rows)  # as the GPTQ reference code joins it
@@ -123,8 +126,9 @@ def calibration_samples(
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     ids = token_stream(tokenizer, "calibration", dataset)
     if len(ids) <= seq_len:
-        raise ValueError(f"the calibration text has {len(ids)} tokens, not more than seq_len={seq_len}; "
-                         "use a shorter seq_len")
+        raise ValueError(
+            f"the calibration text has {len(ids)} tokens, not more than seq_len={seq_len}; use a shorter seq_len"
+        )
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - seq_len, (n_samples,), generator=gen)  # [n_samples]
     return ids[starts[:, None] + torch.arange(seq_len)]  # [n_samples, seq_len]

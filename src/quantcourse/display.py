@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from html import escape
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = ["html_table", "show_table"]
 
 
-def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
-               fmt: dict[str, str] | None = None) -> str:
+def html_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, fmt: dict[str, str] | None = None
+) -> str:
     """HTML of ``rows`` (one dict per row); ``fmt`` maps a column to a format spec such as ``".2f"``."""
     if not rows:
         raise ValueError("html_table needs at least one row")
@@ -23,8 +25,9 @@ def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = N
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def show_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
-               fmt: dict[str, str] | None = None) -> None:
+def show_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, fmt: dict[str, str] | None = None
+) -> None:
     """Display :func:`html_table` in a notebook."""
     from IPython.display import HTML, display
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import tqdm
+
+from .progress import progress_bar
 
 __all__ = ["perplexity", "sqnr_db", "relative_error", "layer_output_error"]
 
@@ -37,8 +38,9 @@ def perplexity(
         progress: show a tqdm bar.
     """
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"tokens must be a 1-D integer tensor such as data.eval_tokens(tokenizer), got "
-                         f"{_describe(tokens)}")
+        raise ValueError(
+            f"tokens must be a 1-D integer tensor such as data.eval_tokens(tokenizer), got {_describe(tokens)}"
+        )
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len must be an int >= 2 (a window needs a next token to predict), got {seq_len!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -53,7 +55,7 @@ def perplexity(
     was_training = model.training
     model.eval()  # no dropout while scoring; the mode is restored below
     try:
-        for start in tqdm(range(0, n, batch_size), desc="perplexity", disable=not progress, leave=False):
+        for start in progress_bar(range(0, n, batch_size), desc="perplexity", disable=not progress, leave=False):
             batch = windows[start : start + batch_size].to(device)  # [b, seq_len]
             logits = model(batch, use_cache=False).logits.float()  # [b, seq_len, vocab]
             nll = torch.nn.functional.cross_entropy(

@@ -31,10 +31,28 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "IntFormat", "FloatFormat", "get_format", "FORMATS",
-    "INT2", "INT3", "INT4", "INT5", "INT6", "INT7", "INT8",
-    "UINT2", "UINT3", "UINT4", "UINT5", "UINT6", "UINT7", "UINT8",
-    "FP16", "BF16", "FP8_E4M3", "FP8_E5M2",
+    "IntFormat",
+    "FloatFormat",
+    "get_format",
+    "FORMATS",
+    "INT2",
+    "INT3",
+    "INT4",
+    "INT5",
+    "INT6",
+    "INT7",
+    "INT8",
+    "UINT2",
+    "UINT3",
+    "UINT4",
+    "UINT5",
+    "UINT6",
+    "UINT7",
+    "UINT8",
+    "FP16",
+    "BF16",
+    "FP8_E4M3",
+    "FP8_E5M2",
 ]
 
 
@@ -224,11 +242,35 @@ FP8_E5M2 = FloatFormat("fp8_e5m2", 5, 2, torch_dtype=torch.float8_e5m2)
 
 FORMATS: dict[str, IntFormat | FloatFormat] = {
     f.name: f
-    for f in (INT2, INT3, INT4, INT5, INT6, INT7, INT8, UINT2, UINT3, UINT4, UINT5, UINT6, UINT7, UINT8,
-              FP16, BF16, FP8_E4M3, FP8_E5M2)
+    for f in (
+        INT2,
+        INT3,
+        INT4,
+        INT5,
+        INT6,
+        INT7,
+        INT8,
+        UINT2,
+        UINT3,
+        UINT4,
+        UINT5,
+        UINT6,
+        UINT7,
+        UINT8,
+        FP16,
+        BF16,
+        FP8_E4M3,
+        FP8_E5M2,
+    )
 }
-_ALIASES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "fp8_e4m3fn": "fp8_e4m3", "e4m3": "fp8_e4m3",
-            "e5m2": "fp8_e5m2"}
+_ALIASES = {
+    "float16": "fp16",
+    "half": "fp16",
+    "bfloat16": "bf16",
+    "fp8_e4m3fn": "fp8_e4m3",
+    "e4m3": "fp8_e4m3",
+    "e5m2": "fp8_e5m2",
+}
 
 
 def get_format(name: str) -> IntFormat | FloatFormat:

@@ -47,8 +47,9 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal, TypeVar
+from typing import Literal, TypeVar
 
 import torch
 from torch import nn
@@ -57,8 +58,14 @@ from .granularity import Granularity, PerChannel, PerGroup
 from .primitives import MIN_BITS, QParams, check_float_tensor, check_n_bits, choose_qparams
 
 __all__ = [
-    "GPTQResult", "accumulate_hessian", "gptq_qparams", "gptq_quantize", "rtn_quantize", "hessian_error",
-    "HessianCollector", "quantize_model",
+    "GPTQResult",
+    "accumulate_hessian",
+    "gptq_qparams",
+    "gptq_quantize",
+    "rtn_quantize",
+    "hessian_error",
+    "HessianCollector",
+    "quantize_model",
 ]
 
 DAMP = 0.01  # percdamp of the reference
@@ -99,8 +106,13 @@ class GPTQResult:
         return dequantize_codes(self.codes, self.scale, self.zero_point, self.g_idx, dtype)
 
 
-def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, g_idx: torch.Tensor,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_codes(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    g_idx: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Dequantize ``codes [out, in]`` with per-group ``scale``/``zero_point [out, n_groups]`` and ``g_idx [in]``."""
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     q = codes.to(compute) - zero_point[:, g_idx].to(compute)
@@ -128,15 +140,18 @@ def accumulate_hessian(H: torch.Tensor | None, n_seen: int, X: torch.Tensor) -> 
     if H is None:
         H = torch.zeros(X.shape[1], X.shape[1], dtype=dtype, device=X.device)
     if H.shape != (X.shape[1], X.shape[1]):
-        raise ValueError(f"H has shape {tuple(H.shape)} but X has {X.shape[1]} features: "
-                         f"H must be [{X.shape[1]}, {X.shape[1]}] (one Hessian per linear layer)")
+        raise ValueError(
+            f"H has shape {tuple(H.shape)} but X has {X.shape[1]} features: "
+            f"H must be [{X.shape[1]}, {X.shape[1]}] (one Hessian per linear layer)"
+        )
     n = n_seen + m
     Xs = X.to(dtype) * (2.0 / n) ** 0.5  # scale before the product, as the reference does
     return H.to(dtype) * (n_seen / n) + Xs.T @ Xs, n
 
 
-def gptq_qparams(W: torch.Tensor, n_bits: int, *, symmetric: bool = False,
-                 granularity: Granularity = PerChannel(0)) -> QParams:
+def gptq_qparams(
+    W: torch.Tensor, n_bits: int, *, symmetric: bool = False, granularity: Granularity = PerChannel(0)
+) -> QParams:
     """Scale and zero point on the reference's grid (``quant.py`` ``Quantizer.find_params``).
 
     Both schemes use unsigned codes ``0 .. 2**n_bits - 1`` and dequantize as ``scale * (q - zero)``:
@@ -184,8 +199,9 @@ def gptq_qparams(W: torch.Tensor, n_bits: int, *, symmetric: bool = False,
     return QParams(scale.float(), zero_point.to(torch.int32), n_bits, False, granularity)
 
 
-def _check_layer(W: torch.Tensor, H: torch.Tensor | None, n_bits: int, group_size: int | None,
-                 allow_partial_group: bool) -> None:
+def _check_layer(
+    W: torch.Tensor, H: torch.Tensor | None, n_bits: int, group_size: int | None, allow_partial_group: bool
+) -> None:
     check_float_tensor(W, "W")
     if W.dim() != 2:
         raise ValueError(f"W must be a 2-D weight [out, in], got shape {tuple(W.shape)}")
@@ -195,8 +211,10 @@ def _check_layer(W: torch.Tensor, H: torch.Tensor | None, n_bits: int, group_siz
         if H.dim() != 2 or H.shape[0] != H.shape[1]:
             raise ValueError(f"H must be a square [in, in] matrix, got shape {tuple(H.shape)}")
         if H.shape[0] != W.shape[1]:
-            raise ValueError(f"H is {tuple(H.shape)} but W has {W.shape[1]} input columns: "
-                             f"H must be [{W.shape[1]}, {W.shape[1]}], accumulated from this layer's inputs")
+            raise ValueError(
+                f"H is {tuple(H.shape)} but W has {W.shape[1]} input columns: "
+                f"H must be [{W.shape[1]}, {W.shape[1]}], accumulated from this layer's inputs"
+            )
     if group_size is None:
         return
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
@@ -206,11 +224,13 @@ def _check_layer(W: torch.Tensor, H: torch.Tensor | None, n_bits: int, group_siz
         raise ValueError(
             f"group_size={group_size} does not divide the {W.shape[1]} input columns of W: choose a divisor "
             f"(e.g. {divisors}) or pass allow_partial_group=True to accept a shorter last group, as the "
-            "reference code silently does")
+            "reference code silently does"
+        )
 
 
-def _group_params(W: torch.Tensor, n_bits: int, symmetric: bool, group_size: int | None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def _group_params(
+    W: torch.Tensor, n_bits: int, symmetric: bool, group_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Every group's ``(scale, zero_point)`` ``[out, n_groups]`` from ``W`` in its current column order."""
     if group_size is None:
         qp = gptq_qparams(W, n_bits, symmetric=symmetric)
@@ -230,6 +250,7 @@ def _one_thread(fn: F) -> F:
     GPTQ's per-column operations touch a few thousand numbers: too small to gain from threads. On a
     busy 2-core machine two threads made them, and LAPACK's Cholesky inverse, 10-50x slower.
     """
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         saved = torch.get_num_threads()
@@ -238,6 +259,7 @@ def _one_thread(fn: F) -> F:
             return fn(*args, **kwargs)
         finally:
             torch.set_num_threads(saved)
+
     return wrapper  # type: ignore[return-value]
 
 
@@ -251,7 +273,8 @@ def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     except torch.linalg.LinAlgError as e:
         raise ValueError(
             f"H is not positive definite even after damping with damp={damp}: collect more calibration "
-            "tokens than input features, or increase damp (e.g. 0.1)") from e
+            "tokens than input features, or increase damp (e.g. 0.1)"
+        ) from e
 
 
 @_one_thread
@@ -333,7 +356,7 @@ def gptq_quantize(
         for i in range(i2 - i1):
             col = i1 + i
             if dynamic and col % g == 0:  # a group begins: fix its parameters now, from Wt (not W1)
-                s, z = _group_params(Wt[col:col + g].T, n_bits, symmetric, None)
+                s, z = _group_params(Wt[col : col + g].T, n_bits, symmetric, None)
                 scale_t[col // g], zero_t[col // g] = s[:, 0], z[:, 0]
             s, z, w = scale_t[col_group[col]], zero_t[col_group[col]], W1[i]
             q = torch.div(w, s).round_().add_(z).clamp_(0, maxq)  # primitives.quantize, inlined
@@ -355,8 +378,14 @@ def gptq_quantize(
 
 
 @_one_thread
-def rtn_quantize(W: torch.Tensor, n_bits: int, *, group_size: int | None = None, symmetric: bool = False,
-                 allow_partial_group: bool = False) -> GPTQResult:
+def rtn_quantize(
+    W: torch.Tensor,
+    n_bits: int,
+    *,
+    group_size: int | None = None,
+    symmetric: bool = False,
+    allow_partial_group: bool = False,
+) -> GPTQResult:
     """Round-to-nearest on the same grid as GPTQ: the baseline every table compares with.
 
     Equal to :func:`gptq_quantize` with ``H = I`` (no correlations, nothing to compensate).
@@ -469,9 +498,17 @@ def quantize_model(
     def quantize_linear(name: str, linear: nn.Linear) -> None:
         start = time.perf_counter()
         if method == "gptq":
-            result = gptq_quantize(linear.weight, hessians.take(name), n_bits, group_size=group_size,
-                                   symmetric=symmetric, act_order=act_order, static_groups=static_groups,
-                                   damp=damp, block_size=block_size)
+            result = gptq_quantize(
+                linear.weight,
+                hessians.take(name),
+                n_bits,
+                group_size=group_size,
+                symmetric=symmetric,
+                act_order=act_order,
+                static_groups=static_groups,
+                damp=damp,
+                block_size=block_size,
+            )
         else:
             result = rtn_quantize(linear.weight, n_bits, group_size=group_size, symmetric=symmetric)
         seconds[name] = time.perf_counter() - start
@@ -480,8 +517,23 @@ def quantize_model(
 
     start = time.perf_counter()
     collect: Callable | None = hessians if method == "gptq" else None
-    run_blockwise(model, calibration, collect=collect, quantize_linear=quantize_linear,
-                  batch_size=batch_size, progress=progress, desc=f"{method} {n_bits}-bit")
-    config = dict(method=method, n_bits=n_bits, group_size=group_size, symmetric=symmetric, act_order=act_order,
-                  static_groups=static_groups, damp=damp, block_size=block_size)
+    run_blockwise(
+        model,
+        calibration,
+        collect=collect,
+        quantize_linear=quantize_linear,
+        batch_size=batch_size,
+        progress=progress,
+        desc=f"{method} {n_bits}-bit",
+    )
+    config = dict(
+        method=method,
+        n_bits=n_bits,
+        group_size=group_size,
+        symmetric=symmetric,
+        act_order=act_order,
+        static_groups=static_groups,
+        damp=damp,
+        block_size=block_size,
+    )
     return QuantizedModel(model, results, config, time.perf_counter() - start, seconds)

@@ -24,8 +24,8 @@ stretching the parameters to ``x``'s full shape.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -37,7 +37,7 @@ Reduction = Callable[..., torch.Tensor]  # torch.amin / torch.amax / a custom on
 class Granularity(ABC):
     """Base class of the four granularities."""
 
-    def check(self, x: torch.Tensor) -> None:
+    def check(self, x: torch.Tensor) -> None:  # noqa: B027 - most granularities apply to any tensor
         """Raise ``ValueError`` when this granularity cannot apply to ``x``."""
 
     @abstractmethod

@@ -14,13 +14,22 @@ group_size``: int4 with an fp16 scale per 64 weights costs 4.25 bits, not 4.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 __all__ = [
-    "FORMAT_BITS", "GB", "bits_per_weight", "model_bytes", "memory_table", "kv_cache_bytes",
-    "kv_cache_bytes_for", "decode_tokens_per_second_bound", "count_parameters", "model_size_report",
+    "FORMAT_BITS",
+    "GB",
+    "bits_per_weight",
+    "model_bytes",
+    "memory_table",
+    "kv_cache_bytes",
+    "kv_cache_bytes_for",
+    "decode_tokens_per_second_bound",
+    "count_parameters",
+    "model_size_report",
 ]
 
 GB = 1e9  # decimal gigabyte, as in "a 7B model in fp16 is 14 GB"
@@ -75,8 +84,10 @@ def _format_bits(fmt: str | float) -> float:
     try:
         return get_format(fmt).bits
     except (ValueError, TypeError) as e:
-        raise ValueError(f"unknown format {fmt!r}: use one of {list(FORMAT_BITS)}, a name from "
-                         "quantcourse.formats.FORMATS (e.g. 'int3', 'fp8_e4m3'), or a number of bits") from e
+        raise ValueError(
+            f"unknown format {fmt!r}: use one of {list(FORMAT_BITS)}, a name from "
+            "quantcourse.formats.FORMATS (e.g. 'int3', 'fp8_e4m3'), or a number of bits"
+        ) from e
 
 
 def memory_table(
@@ -94,10 +105,7 @@ def memory_table(
         int8 7, int4 3.5.
     """
     bits = {f: _format_bits(f) for f in formats}
-    return [
-        {"model": name, **{str(f): model_bytes(n, b) / GB for f, b in bits.items()}}
-        for name, n in models.items()
-    ]
+    return [{"model": name, **{str(f): model_bytes(n, b) / GB for f, b in bits.items()}} for name, n in models.items()]
 
 
 def kv_cache_bytes(
@@ -108,8 +116,13 @@ def kv_cache_bytes(
     With grouped-query attention ``n_kv_heads`` is smaller than the number of query heads, and the
     cache shrinks by the same factor.
     """
-    for name, value in (("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim),
-                        ("seq_len", seq_len), ("batch_size", batch_size)):
+    for name, value in (
+        ("n_layers", n_layers),
+        ("n_kv_heads", n_kv_heads),
+        ("head_dim", head_dim),
+        ("seq_len", seq_len),
+        ("batch_size", batch_size),
+    ):
         _check_positive(name, value, integer=True)
     _check_positive("bytes_per_element", bytes_per_element)
     return int(2 * n_layers * n_kv_heads * head_dim * seq_len * batch_size * bytes_per_element)
@@ -128,10 +141,18 @@ def kv_cache_bytes_for(config: Any, *, seq_len: int, batch_size: int = 1, bytes_
         n_kv_heads = getattr(config, "num_key_value_heads", None) or n_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
     except AttributeError as e:
-        raise ValueError(f"config {type(config).__name__} lacks a field kv_cache_bytes_for needs ({e}); "
-                         "call kv_cache_bytes(...) with the numbers instead") from e
-    return kv_cache_bytes(n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim, seq_len=seq_len,
-                          batch_size=batch_size, bytes_per_element=bytes_per_element)
+        raise ValueError(
+            f"config {type(config).__name__} lacks a field kv_cache_bytes_for needs ({e}); "
+            "call kv_cache_bytes(...) with the numbers instead"
+        ) from e
+    return kv_cache_bytes(
+        n_layers=n_layers,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        bytes_per_element=bytes_per_element,
+    )
 
 
 def decode_tokens_per_second_bound(*, bandwidth_bytes_per_s: float, bytes_per_token: float) -> float:

@@ -39,13 +39,17 @@ def pack_codes(codes: torch.Tensor, n_bits: int) -> torch.Tensor:
     """Pack codes ``[..., n]`` (integers in ``[0, 2**n_bits - 1]``) into uint8 ``[..., ceil(n*n_bits/8)]``."""
     _check_bits(n_bits)
     if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.dtype == torch.bool:
-        raise TypeError(f"codes must be an integer tensor, got "
-                        f"{codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__}")
+        raise TypeError(
+            f"codes must be an integer tensor, got "
+            f"{codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__}"
+        )
     if codes.dim() == 0:
         raise ValueError("codes must have at least one dimension (the one to pack along)")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**n_bits):
-        raise ValueError(f"codes must lie in [0, {2**n_bits - 1}] for n_bits={n_bits}, got values in "
-                         f"[{int(codes.min())}, {int(codes.max())}]")
+        raise ValueError(
+            f"codes must lie in [0, {2**n_bits - 1}] for n_bits={n_bits}, got values in "
+            f"[{int(codes.min())}, {int(codes.max())}]"
+        )
     n = codes.shape[-1]
     shifts = torch.arange(n_bits, device=codes.device, dtype=torch.int32)
     bits = (codes.to(torch.int32).unsqueeze(-1) >> shifts) & 1  # [..., n, n_bits], LSB first
@@ -60,11 +64,15 @@ def unpack_codes(packed: torch.Tensor, n_bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: uint8 ``[..., bytes]`` back to uint8 codes ``[..., n]``."""
     _check_bits(n_bits)
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
-        raise TypeError(f"packed must be a uint8 tensor from pack_codes, got "
-                        f"{packed.dtype if isinstance(packed, torch.Tensor) else type(packed).__name__}")
+        raise TypeError(
+            f"packed must be a uint8 tensor from pack_codes, got "
+            f"{packed.dtype if isinstance(packed, torch.Tensor) else type(packed).__name__}"
+        )
     if packed.dim() == 0 or packed.shape[-1] != packed_size(n, n_bits):
-        raise ValueError(f"{n} codes of {n_bits} bits take {packed_size(n, n_bits)} bytes per row, "
-                         f"but packed has shape {tuple(packed.shape)}")
+        raise ValueError(
+            f"{n} codes of {n_bits} bits take {packed_size(n, n_bits)} bytes per row, "
+            f"but packed has shape {tuple(packed.shape)}"
+        )
     bits = (packed.to(torch.int32).unsqueeze(-1) >> torch.arange(8, device=packed.device, dtype=torch.int32)) & 1
     bits = bits.flatten(-2)[..., : n * n_bits].unflatten(-1, (n, n_bits))  # [..., n, n_bits]
     weights = 1 << torch.arange(n_bits, device=packed.device, dtype=torch.int32)

@@ -29,14 +29,16 @@ no data and runs no forward pass.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import surgery
+from .progress import progress_bar
 
 __all__ = ["BlockContext", "capture_block_inputs", "run_blockwise", "LinearInputFn", "QuantizeLinearFn"]
 
@@ -80,7 +82,7 @@ class BlockContext:
     def run(self, inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """The block's outputs on ``inputs`` (default: its calibration inputs), one tensor per batch."""
         inputs = self.inputs if inputs is None else inputs
-        return [_block_output(self.block(x, *a, **k)) for x, a, k in zip(inputs, self.args, self.kwargs)]
+        return [_block_output(self.block(x, *a, **k)) for x, a, k in zip(inputs, self.args, self.kwargs, strict=True)]
 
     @torch.no_grad()
     def collect(self, fn: LinearInputFn, *, names: Callable[[str], bool] = lambda name: True) -> None:
@@ -98,10 +100,10 @@ class BlockContext:
                 if x is not last[0]:
                     last[:] = [x, x.reshape(-1, x.shape[-1])]
                 fn(name, module, last[1])
+
             return record
 
-        handles = [linear.register_forward_hook(hook(name))
-                   for name, linear in self.linears().items() if names(name)]
+        handles = [linear.register_forward_hook(hook(name)) for name, linear in self.linears().items() if names(name)]
         try:
             self.run()
         finally:
@@ -111,16 +113,19 @@ class BlockContext:
 
 def _check_calibration(calibration: torch.Tensor, batch_size: int) -> None:
     if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.is_floating_point():
-        raise ValueError("calibration must be an int64 tensor of token ids [n_samples, seq_len], e.g. "
-                         "quantcourse.data.calibration_samples(tokenizer, 32, 512); got "
-                         f"{getattr(calibration, 'shape', type(calibration).__name__)}")
+        raise ValueError(
+            "calibration must be an int64 tensor of token ids [n_samples, seq_len], e.g. "
+            "quantcourse.data.calibration_samples(tokenizer, 32, 512); got "
+            f"{getattr(calibration, 'shape', type(calibration).__name__)}"
+        )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, calibration: torch.Tensor, *, batch_size: int = 8
-                         ) -> tuple[list[torch.Tensor], list[tuple], list[dict]]:
+def capture_block_inputs(
+    model: nn.Module, calibration: torch.Tensor, *, batch_size: int = 8
+) -> tuple[list[torch.Tensor], list[tuple], list[dict]]:
     """What the first decoder block receives on each calibration batch.
 
     Args:
@@ -147,10 +152,8 @@ def capture_block_inputs(model: nn.Module, calibration: torch.Tensor, *, batch_s
     handle = first.register_forward_pre_hook(record, with_kwargs=True)
     try:
         for batch in calibration.split(batch_size):
-            try:
+            with contextlib.suppress(_StopForward):
                 model(input_ids=batch.to(device), use_cache=False)
-            except _StopForward:
-                pass
     finally:
         handle.remove()
     return inputs, args, kwargs
@@ -200,12 +203,14 @@ def run_blockwise(
     needs_data = collect is not None or transform_block is not None
     if needs_data:
         if calibration is None:
-            raise ValueError("this pipeline collects statistics or transforms blocks, so it needs calibration "
-                             "token ids [n_samples, seq_len]; only round-to-nearest can run without")
+            raise ValueError(
+                "this pipeline collects statistics or transforms blocks, so it needs calibration "
+                "token ids [n_samples, seq_len]; only round-to-nearest can run without"
+            )
         inputs, args, kwargs = capture_block_inputs(model, calibration, batch_size=batch_size)
     else:
         inputs, args, kwargs = [], [], []
-    for index in tqdm(range(len(blocks)), desc=desc, disable=not progress):
+    for index in progress_bar(range(len(blocks)), desc=desc, disable=not progress):
         ctx = BlockContext(index, names[index], blocks[index], inputs, args, kwargs)
         if collect is not None:
             ctx.collect(collect, names=linear_filter)

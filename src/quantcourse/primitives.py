@@ -93,8 +93,10 @@ def _check_float_type(x: torch.Tensor, name: str) -> None:
 def _raise_if_not_finite(x: torch.Tensor, name: str) -> None:
     n_bad = int((~torch.isfinite(x)).sum())
     if n_bad:
-        raise ValueError(f"{name} contains {n_bad} NaN or Inf values: quantization needs finite inputs; "
-                         "find where they come from (torch.isfinite) before quantizing")
+        raise ValueError(
+            f"{name} contains {n_bad} NaN or Inf values: quantization needs finite inputs; "
+            "find where they come from (torch.isfinite) before quantizing"
+        )
 
 
 def check_float_tensor(x: torch.Tensor, name: str = "x") -> None:
@@ -108,8 +110,10 @@ def check_float_tensor(x: torch.Tensor, name: str = "x") -> None:
 
 def _check_granularity(granularity: Granularity, x: torch.Tensor) -> None:
     if not isinstance(granularity, Granularity):
-        raise TypeError(f"granularity must be PerTensor(), PerChannel(axis), PerToken() or PerGroup(group_size), "
-                        f"got {granularity!r}")
+        raise TypeError(
+            f"granularity must be PerTensor(), PerChannel(axis), PerToken() or PerGroup(group_size), "
+            f"got {granularity!r}"
+        )
     granularity.check(x)
 
 
@@ -201,8 +205,10 @@ def dequantize(q: torch.Tensor, qparams: QParams, dtype: torch.dtype = torch.flo
         a ``dtype`` tensor of ``q``'s shape.
     """
     if not isinstance(q, torch.Tensor) or q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
-        raise TypeError(f"q must be an integer tensor of codes (from quantize), got "
-                        f"{q.dtype if isinstance(q, torch.Tensor) else type(q).__name__}")
+        raise TypeError(
+            f"q must be an integer tensor of codes (from quantize), got "
+            f"{q.dtype if isinstance(q, torch.Tensor) else type(q).__name__}"
+        )
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.float32, got {dtype!r}")
     _check_qparams(qparams, q, "q")

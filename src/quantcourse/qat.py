@@ -34,8 +34,19 @@ from .granularity import Granularity, PerChannel, PerGroup, PerTensor, PerToken
 from .primitives import QParams, check_n_bits, choose_qparams, dequantize, quantize
 
 __all__ = [
-    "RoundSTE", "round_ste", "FakeQuantizeSTE", "fake_quantize_ste", "GradScale", "grad_scale",
-    "lsq_fake_quantize", "lsq_init_scale", "LSQQuantizer", "QATLinear", "IntWeightLinear", "prepare", "convert",
+    "RoundSTE",
+    "round_ste",
+    "FakeQuantizeSTE",
+    "fake_quantize_ste",
+    "GradScale",
+    "grad_scale",
+    "lsq_fake_quantize",
+    "lsq_init_scale",
+    "LSQQuantizer",
+    "QATLinear",
+    "IntWeightLinear",
+    "prepare",
+    "convert",
 ]
 
 
@@ -133,7 +144,9 @@ def lsq_fake_quantize(
     return round_ste(torch.clamp(v / s, -qn, qp)) * s
 
 
-def lsq_init_scale(v: torch.Tensor, qp: int, granularity: Granularity = PerTensor(), *, method: str = "lsq") -> torch.Tensor:
+def lsq_init_scale(
+    v: torch.Tensor, qp: int, granularity: Granularity = PerTensor(), *, method: str = "lsq"
+) -> torch.Tensor:
     """Initial step size, one per ``granularity`` parameter.
 
     ``method="lsq"``: the paper's ``2 * mean|v| / sqrt(Q_P)`` (meant for training from scratch or for
@@ -165,8 +178,16 @@ class LSQQuantizer(nn.Module):
         init_method: ``"lsq"`` or ``"minmax"`` (see :func:`lsq_init_scale`).
     """
 
-    def __init__(self, n_bits: int, *, granularity: Granularity = PerTensor(), param_shape: tuple[int, ...] = (),
-                 offset: bool = False, init: torch.Tensor | None = None, init_method: str = "lsq") -> None:
+    def __init__(
+        self,
+        n_bits: int,
+        *,
+        granularity: Granularity = PerTensor(),
+        param_shape: tuple[int, ...] = (),
+        offset: bool = False,
+        init: torch.Tensor | None = None,
+        init_method: str = "lsq",
+    ) -> None:
         super().__init__()
         check_n_bits(n_bits)
         self.n_bits, self.granularity, self.init_method = n_bits, granularity, init_method
@@ -201,8 +222,10 @@ class LSQQuantizer(nn.Module):
     def qparams(self) -> QParams:
         """The learned grid as ``QParams`` (weights: signed codes stored as ``uint8`` with zero point ``2^(b-1)``)."""
         if self.offset is not None:
-            raise ValueError("an LSQ+ offset is not an integer zero point: convert keeps offset quantizers "
-                             "(activations) as fake quantizers; use offset=False for weights")
+            raise ValueError(
+                "an LSQ+ offset is not an integer zero point: convert keeps offset quantizers "
+                "(activations) as fake quantizers; use offset=False for weights"
+            )
         scale = self.scale.detach().clone()
         zero_point = torch.full_like(scale, self.qn, dtype=torch.int32)
         return QParams(scale, zero_point, self.n_bits, False, self.granularity)
@@ -231,20 +254,33 @@ class QATLinear(nn.Module):
     ``weight`` and ``bias`` are the float layer's own parameters (not copies).
     """
 
-    def __init__(self, linear: nn.Linear, *, w_bits: int = 4, w_group_size: int | None = None,
-                 a_bits: int | None = None, a_mode: str = "lsq", w_init: str = "lsq") -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        *,
+        w_bits: int = 4,
+        w_group_size: int | None = None,
+        a_bits: int | None = None,
+        a_mode: str = "lsq",
+        w_init: str = "lsq",
+    ) -> None:
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
         granularity = PerChannel(0) if w_group_size is None else PerGroup(w_group_size)
         granularity.check(self.weight)
-        self.weight_quantizer = LSQQuantizer(w_bits, granularity=granularity,
-                                             param_shape=granularity.param_shape(self.weight.shape), init=self.weight,
-                                             init_method=w_init)
+        self.weight_quantizer = LSQQuantizer(
+            w_bits,
+            granularity=granularity,
+            param_shape=granularity.param_shape(self.weight.shape),
+            init=self.weight,
+            init_method=w_init,
+        )
         if a_mode not in ("lsq", "lsq+", "dynamic"):
             raise ValueError(f"a_mode must be 'lsq', 'lsq+' or 'dynamic', got {a_mode!r}")
         self.a_bits, self.a_mode = a_bits, a_mode
-        self.act_quantizer = (LSQQuantizer(a_bits, offset=a_mode == "lsq+")
-                              if a_bits is not None and a_mode != "dynamic" else None)
+        self.act_quantizer = (
+            LSQQuantizer(a_bits, offset=a_mode == "lsq+") if a_bits is not None and a_mode != "dynamic" else None
+        )
         if a_bits is not None:
             check_n_bits(a_bits)
 
@@ -282,8 +318,17 @@ class IntWeightLinear(nn.Module):
         return F.linear(x, dequantize(self.codes, self.qparams, x.dtype), self.bias)
 
 
-def prepare(model: nn.Module, *, w_bits: int = 4, w_group_size: int | None = None, a_bits: int | None = None,
-            a_mode: str = "lsq", w_init: str = "lsq", include_head: bool = False, names=lambda name: True) -> nn.Module:
+def prepare(
+    model: nn.Module,
+    *,
+    w_bits: int = 4,
+    w_group_size: int | None = None,
+    a_bits: int | None = None,
+    a_mode: str = "lsq",
+    w_init: str = "lsq",
+    include_head: bool = False,
+    names=lambda name: True,
+) -> nn.Module:
     """Float model -> fake-quantized trainable model: every selected ``nn.Linear`` becomes a :class:`QATLinear`.
 
     In place (the linear layers are swapped through :mod:`quantcourse.surgery`); returns ``model``.
@@ -292,9 +337,13 @@ def prepare(model: nn.Module, *, w_bits: int = 4, w_group_size: int | None = Non
     """
     check_n_bits(w_bits)
     return surgery.replace_linears(
-        model, lambda name, linear: QATLinear(linear, w_bits=w_bits, w_group_size=w_group_size, a_bits=a_bits,
-                                              a_mode=a_mode, w_init=w_init),
-        include_head=include_head, names=names)
+        model,
+        lambda name, linear: QATLinear(
+            linear, w_bits=w_bits, w_group_size=w_group_size, a_bits=a_bits, a_mode=a_mode, w_init=w_init
+        ),
+        include_head=include_head,
+        names=names,
+    )
 
 
 def convert(model: nn.Module) -> nn.Module:

@@ -108,8 +108,13 @@ def save_quantized(qmodel: QuantizedModel, path: str | os.PathLike) -> SaveRepor
     for name, r in qmodel.layers.items():
         tensors = _layer_tensors(name, r)
         quantized.update(tensors)
-        layers_meta[name] = dict(shape=list(r.codes.shape), n_bits=r.n_bits, group_size=r.group_size,
-                                 symmetric=r.symmetric, dtype=str(r.weight.dtype).removeprefix("torch."))
+        layers_meta[name] = dict(
+            shape=list(r.codes.shape),
+            n_bits=r.n_bits,
+            group_size=r.group_size,
+            symmetric=r.symmetric,
+            dtype=str(r.weight.dtype).removeprefix("torch."),
+        )
     skip = {f"{name}.weight" for name in qmodel.layers}
     floats, aliases, seen = {}, {}, {}
     for key, tensor in qmodel.model.state_dict().items():
@@ -121,8 +126,12 @@ def save_quantized(qmodel: QuantizedModel, path: str | os.PathLike) -> SaveRepor
             continue
         seen[ptr] = key
         floats[key] = tensor.detach().cpu().contiguous()
-    metadata = {"format": _FORMAT, "config": json.dumps(qmodel.config), "layers": json.dumps(layers_meta),
-                "aliases": json.dumps(aliases)}
+    metadata = {
+        "format": _FORMAT,
+        "config": json.dumps(qmodel.config),
+        "layers": json.dumps(layers_meta),
+        "aliases": json.dumps(aliases),
+    }
     save_file({**quantized, **floats}, str(path), metadata=metadata)
     n_weights = sum(r.codes.numel() for r in qmodel.layers.values())
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts.values())  # noqa: E731
@@ -147,8 +156,10 @@ def load_quantized(path: str | os.PathLike, model: nn.Module) -> QuantizedModel:
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
     if metadata.get("format") != _FORMAT:
-        raise ValueError(f"{path} was not written by quantcourse.serialization.save_quantized "
-                         f"(format {metadata.get('format')!r}, expected {_FORMAT!r})")
+        raise ValueError(
+            f"{path} was not written by quantcourse.serialization.save_quantized "
+            f"(format {metadata.get('format')!r}, expected {_FORMAT!r})"
+        )
     tensors = load_file(str(path))
     model = surgery.as_plain_linears(model)
     layers = {}
@@ -156,8 +167,10 @@ def load_quantized(path: str | os.PathLike, model: nn.Module) -> QuantizedModel:
         layers[name] = _read_layer(tensors, name, meta)
         linear = surgery.get_module(model, name)
         if tuple(linear.weight.shape) != tuple(meta["shape"]):
-            raise ValueError(f"{name} is {tuple(linear.weight.shape)} in the model but {tuple(meta['shape'])} "
-                             "in the file: load into a model of the same architecture")
+            raise ValueError(
+                f"{name} is {tuple(linear.weight.shape)} in the model but {tuple(meta['shape'])} "
+                "in the file: load into a model of the same architecture"
+            )
         linear.weight = nn.Parameter(layers[name].weight, requires_grad=False)
     quantized_keys = {f"{name}.{part}" for name in layers for part in ("qweight", "scale", "zero_point", "g_idx")}
     floats = {k: v for k, v in tensors.items() if k not in quantized_keys}

@@ -8,14 +8,19 @@ Algorithms elsewhere ask this module for "the decoder blocks", "the linear layer
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 __all__ = [
-    "decoder_blocks", "find_linears", "replace_linears", "set_module", "get_module",
-    "as_plain_linears", "linear_weight_matrices",
+    "decoder_blocks",
+    "find_linears",
+    "replace_linears",
+    "set_module",
+    "get_module",
+    "as_plain_linears",
+    "linear_weight_matrices",
 ]
 
 # (path to the ModuleList of decoder blocks) for each supported layout, tried in order: causal LMs
@@ -65,16 +70,15 @@ def as_plain_linears(model: nn.Module) -> nn.Module:
         if isinstance(module, Conv1D):
             in_features, out_features = module.weight.shape
             linear = nn.Linear(in_features, out_features, device="meta")  # no wasted random init
-            linear.weight = nn.Parameter(module.weight.detach().T.contiguous(),
-                                         requires_grad=module.weight.requires_grad)
+            linear.weight = nn.Parameter(
+                module.weight.detach().T.contiguous(), requires_grad=module.weight.requires_grad
+            )
             linear.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
             set_module(model, name, linear)
     return model
 
 
-def find_linears(
-    module: nn.Module, *, include_head: bool = False, prefix: str = ""
-) -> dict[str, nn.Linear]:
+def find_linears(module: nn.Module, *, include_head: bool = False, prefix: str = "") -> dict[str, nn.Linear]:
     """All ``nn.Linear`` submodules by qualified name.
 
     Args:

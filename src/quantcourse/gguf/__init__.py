@@ -9,17 +9,50 @@ type llama.cpp's Q4_K_M (etc.) would, and :mod:`.writer` exports a model to a ``
 
 from .api import bits_per_weight, dequantize, quantize
 from .base import FORMATS, BlockFormat, get_format
-from .kquants import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, pack_scale_min_k4, unpack_scale_min_k4
 from .imatrix import compute_imatrix
+from .kquants import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, pack_scale_min_k4, unpack_scale_min_k4
 from .legacy import Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
 from .mixtures import MIXTURES, TensorChoice, plan_mixture, tensor_type, use_more_bits
-from .writer import ExportResult, dequantized_model, export_gguf, gguf_state_dict, load_gguf_weights, permute_qk, unpermute_qk
+from .writer import (
+    ExportResult,
+    dequantized_model,
+    export_gguf,
+    gguf_state_dict,
+    load_gguf_weights,
+    permute_qk,
+    unpermute_qk,
+)
 
 __all__ = [
-    "quantize", "dequantize", "bits_per_weight", "FORMATS", "BlockFormat", "get_format",
-    "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
-    "pack_scale_min_k4", "unpack_scale_min_k4",
+    "quantize",
+    "dequantize",
+    "bits_per_weight",
+    "FORMATS",
+    "BlockFormat",
+    "get_format",
+    "Q8_0",
+    "Q4_0",
+    "Q4_1",
+    "Q5_0",
+    "Q5_1",
+    "Q2_K",
+    "Q3_K",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+    "pack_scale_min_k4",
+    "unpack_scale_min_k4",
     "compute_imatrix",
-    "MIXTURES", "TensorChoice", "plan_mixture", "tensor_type", "use_more_bits",
-    "ExportResult", "dequantized_model", "export_gguf", "gguf_state_dict", "load_gguf_weights", "permute_qk", "unpermute_qk",
+    "MIXTURES",
+    "TensorChoice",
+    "plan_mixture",
+    "tensor_type",
+    "use_more_bits",
+    "ExportResult",
+    "dequantized_model",
+    "export_gguf",
+    "gguf_state_dict",
+    "load_gguf_weights",
+    "permute_qk",
+    "unpermute_qk",
 ]

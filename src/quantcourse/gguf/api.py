@@ -40,11 +40,15 @@ CHUNK_WEIGHTS = 2**18
 
 def _check_imatrix(imatrix: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
     if name == "Q8_0":
-        raise ValueError("Q8_0 has no scale search for an importance matrix to weight (llama.cpp ignores it): "
-                         "call quantize without imatrix")
+        raise ValueError(
+            "Q8_0 has no scale search for an importance matrix to weight (llama.cpp ignores it): "
+            "call quantize without imatrix"
+        )
     if name not in IMATRIX_FORMATS:
-        raise ValueError(f"an importance matrix is supported for {IMATRIX_FORMATS}, not {name} "
-                         "(llama.cpp's Q2_K/Q3_K imatrix searches are not implemented here)")
+        raise ValueError(
+            f"an importance matrix is supported for {IMATRIX_FORMATS}, not {name} "
+            "(llama.cpp's Q2_K/Q3_K imatrix searches are not implemented here)"
+        )
     if not isinstance(imatrix, torch.Tensor) or imatrix.dtype != torch.float32 or imatrix.shape != (x.shape[1],):
         raise ValueError(f"imatrix must be a float32 tensor of shape ({x.shape[1]},), one weight per input column")
     if not torch.isfinite(imatrix).all() or (imatrix < 0).any():
@@ -52,14 +56,16 @@ def _check_imatrix(imatrix: torch.Tensor, x: torch.Tensor, name: str) -> torch.T
     return imatrix
 
 
-def _quantize_chunks(fmt: type[BlockFormat], chunks: list[tuple[torch.Tensor, torch.Tensor | None]],
-                     workers: int) -> list[torch.Tensor]:
+def _quantize_chunks(
+    fmt: type[BlockFormat], chunks: list[tuple[torch.Tensor, torch.Tensor | None]], workers: int
+) -> list[torch.Tensor]:
     """Quantize ``(blocks, imatrix)`` chunks, ``workers`` of them at a time, each on one intra-op thread.
 
     A chunk's operations are small (about 2**18 weights) and many, so running whole chunks side by
     side on the cores beats splitting every operation across them: torch releases the GIL inside
     each operation, and the Python between operations overlaps with the other chunk's work.
     """
+
     def one(chunk: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
         blocks, qw = chunk
         return fmt.quantize_blocks(blocks) if qw is None else fmt.quantize_blocks(blocks, imatrix=qw)
@@ -126,13 +132,15 @@ def quantize(
         else:  # the K-quants combine the imatrix with each super-block's own statistics
             qw = imatrix.repeat(x.shape[0]).reshape(-1, fmt.block_size)
         weights = list(torch.split(qw, chunk_blocks))
-    chunks = list(zip(torch.split(blocks, chunk_blocks), weights))
+    chunks = list(zip(torch.split(blocks, chunk_blocks), weights, strict=True))
     parts = _quantize_chunks(fmt, chunks, 1 if x.device.type != "cpu" else num_threads) if chunks else []
     out = torch.cat(parts) if parts else torch.empty((0, fmt.type_size), dtype=torch.uint8)
     return out.reshape(x.shape[0], -1).cpu().numpy()
 
 
-def dequantize(data: np.ndarray | torch.Tensor, qtype: str | GGMLQuantizationType, shape: tuple[int, int]) -> torch.Tensor:
+def dequantize(
+    data: np.ndarray | torch.Tensor, qtype: str | GGMLQuantizationType, shape: tuple[int, int]
+) -> torch.Tensor:
     """Decode llama.cpp bytes to float32, identically to gguf-py's ``dequantize``.
 
     Args:
@@ -145,7 +153,9 @@ def dequantize(data: np.ndarray | torch.Tensor, qtype: str | GGMLQuantizationTyp
     fmt = get_format(qtype)
     if not isinstance(data, torch.Tensor) and np.asarray(data).dtype != np.uint8:
         raise TypeError(f"data must be uint8 bytes, got {np.asarray(data).dtype}")
-    raw = data if isinstance(data, torch.Tensor) else torch.from_numpy(np.array(data, dtype=np.uint8))  # a writable copy
+    raw = (
+        data if isinstance(data, torch.Tensor) else torch.from_numpy(np.array(data, dtype=np.uint8))
+    )  # a writable copy
     if raw.dtype != torch.uint8:
         raise TypeError(f"data must be uint8 bytes, got {raw.dtype}")
     rows, cols = shape

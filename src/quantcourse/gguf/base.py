@@ -16,7 +16,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 __all__ = ["BlockFormat", "FORMATS", "get_format"]
 
-FORMATS: dict[str, type["BlockFormat"]] = {}
+FORMATS: dict[str, type[BlockFormat]] = {}
 
 
 class BlockFormat(ABC):

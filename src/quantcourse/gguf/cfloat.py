@@ -16,8 +16,17 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "nearest_int", "seq_sum", "div", "recip", "sqrtf", "trunc_to_byte", "round_away",
-    "fp16_bits", "fp16_round", "first_absmax", "positive_max",
+    "nearest_int",
+    "seq_sum",
+    "div",
+    "recip",
+    "sqrtf",
+    "trunc_to_byte",
+    "round_away",
+    "fp16_bits",
+    "fp16_round",
+    "first_absmax",
+    "positive_max",
 ]
 
 _MAGIC = 12582912.0  # 1.5 * 2**23: adding it leaves the rounded integer in the low mantissa bits

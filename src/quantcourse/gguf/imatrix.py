@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import gguf
 import torch
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from ..surgery import find_linears
 
 __all__ = ["compute_imatrix"]
 
 
 @torch.no_grad()
-def compute_imatrix(model: torch.nn.Module, tokens: torch.Tensor, *, include_head: bool = True, progress: bool = True) -> dict[str, torch.Tensor]:
+def compute_imatrix(
+    model: torch.nn.Module, tokens: torch.Tensor, *, include_head: bool = True, progress: bool = True
+) -> dict[str, torch.Tensor]:
     """Mean squared input activation per input column of every linear layer.
 
     Args:
@@ -40,6 +42,7 @@ def compute_imatrix(model: torch.nn.Module, tokens: torch.Tensor, *, include_hea
             X = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float32)  # [tokens, in]
             sums[name] = sums.get(name, 0) + (X * X).sum(dim=0)
             counts[name] = counts.get(name, 0) + X.shape[0]
+
         return fn
 
     handles = []
@@ -47,7 +50,7 @@ def compute_imatrix(model: torch.nn.Module, tokens: torch.Tensor, *, include_hea
         gname = names.get_name(hf_name + ".weight", try_suffixes=(".weight",)) or hf_name
         handles.append(lin.register_forward_hook(hook(gname)))
     try:
-        for row in tqdm(tokens, desc="imatrix", disable=not progress):
+        for row in progress_bar(tokens, desc="imatrix", disable=not progress):
             model(row[None])
     finally:
         for h in handles:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .base import BlockFormat, half_from_bytes, split_bytes
-from .cfloat import div, fp16_bits, fp16_round, first_absmax, nearest_int, positive_max, seq_sum, sqrtf
+from .cfloat import div, first_absmax, fp16_bits, fp16_round, nearest_int, positive_max, seq_sum, sqrtf
 from .search import GROUP_MAX_EPS, make_q3_quants, make_qkx2_quants, make_qp_quants, make_qx_quants
 
 __all__ = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "pack_scale_min_k4", "unpack_scale_min_k4"]
@@ -62,7 +62,10 @@ def unpack_scale_min_k4(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _pack_2bit(L: torch.Tensor) -> torch.Tensor:
-    """codes ``[B, 256]`` in 0..3 -> ``qs`` ``[B, 64]``: per 128, byte l = L[l] | L[l+32]<<2 | L[l+64]<<4 | L[l+96]<<6."""
+    """codes ``[B, 256]`` in 0..3 -> ``qs`` ``[B, 64]``.
+
+    Per 128 codes, byte l = L[l] | L[l+32]<<2 | L[l+64]<<4 | L[l+96]<<6.
+    """
     q = L.to(torch.int32).reshape(-1, 2, 4, 32)
     return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64).to(torch.uint8)
 
@@ -122,8 +125,11 @@ class _AsymmetricK(BlockFormat):
         packed = pack_scale_min_k4(ls, lm)
         sc, m = unpack_scale_min_k4(packed)  # what the file holds (differs from ls/lm only if they exceed 63)
         L = _requantize(
-            blocks.reshape(B, 8, 32), fp16_round(d)[:, None] * sc, fp16_round(dmin)[:, None] * m,
-            _from_positions(L_search, B).reshape(B, 8, 32), cls.nmax,
+            blocks.reshape(B, 8, 32),
+            fp16_round(d)[:, None] * sc,
+            fp16_round(dmin)[:, None] * m,
+            _from_positions(L_search, B).reshape(B, 8, 32),
+            cls.nmax,
         ).reshape(B, QK_K)
         return torch.cat([fp16_bits(d), fp16_bits(dmin), packed], dim=1), L
 
@@ -137,7 +143,9 @@ class _AsymmetricK(BlockFormat):
         sig = sigma2.repeat_interleave(8)
         w = _to_positions(qw, 32) * sqrtf(sig + x * x)
         sw = seq_sum(w)  # [B*8]
-        res = make_qkx2_quants(x, w, nmax=cls.nmax, rmin=-0.9, rdelta=0.05, nstep=36, use_mad=False)  # = make_qkx3_quants
+        res = make_qkx2_quants(
+            x, w, nmax=cls.nmax, rmin=-0.9, rdelta=0.05, nstep=36, use_mad=False
+        )  # = make_qkx3_quants
         sw8 = sw.reshape(B, 8).T.contiguous()
         d = make_qp_quants(res.scale.reshape(B, 8).T.contiguous(), sw8, nmax=63)
         m = make_qp_quants(res.min.reshape(B, 8).T.contiguous(), sw8, nmax=63)
@@ -150,7 +158,9 @@ class _AsymmetricK(BlockFormat):
     def _scales(cls, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d, dmin, packed = split_bytes(data[:, :16], [2, 2, 12])
         sc, m = unpack_scale_min_k4(packed)
-        return (half_from_bytes(d) * sc.to(torch.float32))[..., None], (half_from_bytes(dmin) * m.to(torch.float32))[..., None]
+        return (half_from_bytes(d) * sc.to(torch.float32))[..., None], (half_from_bytes(dmin) * m.to(torch.float32))[
+            ..., None
+        ]
 
 
 class Q4_K(_AsymmetricK):
@@ -250,8 +260,11 @@ class Q2_K(BlockFormat):
         d = torch.where(has_s[:, 0], max_scale / 15, torch.zeros_like(max_scale))
         dmin = torch.where(has_m[:, 0], max_min / 15, torch.zeros_like(max_min))
         L = _requantize(
-            blocks.reshape(B, 16, 16), fp16_round(d)[:, None] * (packed & 0x0F), fp16_round(dmin)[:, None] * (packed >> 4),
-            _from_positions(res.L, B).reshape(B, 16, 16), 3,
+            blocks.reshape(B, 16, 16),
+            fp16_round(d)[:, None] * (packed & 0x0F),
+            fp16_round(dmin)[:, None] * (packed >> 4),
+            _from_positions(res.L, B).reshape(B, 16, 16),
+            3,
         ).reshape(B, QK_K)
         return torch.cat([packed.to(torch.uint8), _pack_2bit(L), fp16_bits(d), fp16_bits(dmin)], dim=1)
 
@@ -364,7 +377,9 @@ class Q6_K(BlockFormat):
         xb = blocks.reshape(B, 16, 16)
         new = nearest_int(xb / dl[..., None]).clamp(-32, 31) + 32
         L = torch.where((dl != 0)[..., None], new, _from_positions(res.L, B).reshape(B, 16, 16)).reshape(B, 2, 4, 32)
-        ql = torch.cat([(L[:, :, 0] & 0x0F) | ((L[:, :, 2] & 0x0F) << 4), (L[:, :, 1] & 0x0F) | ((L[:, :, 3] & 0x0F) << 4)], dim=2)
+        ql = torch.cat(
+            [(L[:, :, 0] & 0x0F) | ((L[:, :, 2] & 0x0F) << 4), (L[:, :, 1] & 0x0F) | ((L[:, :, 3] & 0x0F) << 4)], dim=2
+        )
         top = (L >> 4) << torch.tensor([0, 2, 4, 6]).reshape(1, 1, 4, 1)
         qh = top.sum(dim=2)
         out = torch.cat([ql.reshape(B, 128), qh.reshape(B, 64), sc & 0xFF], dim=1).to(torch.uint8)

@@ -82,7 +82,9 @@ def _mixture_rule(name: str, base: str, mixture: str, n_layers: int, tied: bool)
     return base, f"base type of {mixture}"
 
 
-def tensor_type(name: str, shape: tuple[int, ...], mixture: str, *, n_layers: int, tied_embeddings: bool) -> TensorChoice:
+def tensor_type(
+    name: str, shape: tuple[int, ...], mixture: str, *, n_layers: int, tied_embeddings: bool
+) -> TensorChoice:
     """The type llama.cpp's ``llama_tensor_get_type`` gives one tensor.
 
     Args:
@@ -105,11 +107,15 @@ def tensor_type(name: str, shape: tuple[int, ...], mixture: str, *, n_layers: in
         qtype = FALLBACK.get(wanted, wanted)
         if ne0 % GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][0] != 0:
             qtype = "F16"
-        reason += f"; rows of {ne0} are not a multiple of {GGML_QUANT_SIZES[GGMLQuantizationType[wanted]][0]} -> fallback {qtype}"
+        block = GGML_QUANT_SIZES[GGMLQuantizationType[wanted]][0]
+        reason += f"; rows of {ne0} are not a multiple of {block} -> fallback {qtype}"
     return TensorChoice(name, qtype, wanted, reason)
 
 
 def plan_mixture(shapes: dict[str, tuple[int, ...]], mixture: str, *, n_layers: int) -> dict[str, TensorChoice]:
     """:func:`tensor_type` for every tensor of a model (``shapes``: GGUF name -> PyTorch shape)."""
     tied = "output.weight" not in shapes
-    return {name: tensor_type(name, shape, mixture, n_layers=n_layers, tied_embeddings=tied) for name, shape in shapes.items()}
+    return {
+        name: tensor_type(name, shape, mixture, n_layers=n_layers, tied_embeddings=tied)
+        for name, shape in shapes.items()
+    }

@@ -47,8 +47,16 @@ def _f32(v: float) -> float:
 _SAFE = 2.0**21  # below 2**22, torch.round (half to even) and nearest_int agree
 
 
-def _grid_codes(x: torch.Tensor, iscale: torch.Tensor, spread: torch.Tensor, lowest: int, highest: int,
-                skip: torch.Tensor, out: torch.Tensor, lo: torch.Tensor | None = None) -> torch.Tensor:
+def _grid_codes(
+    x: torch.Tensor,
+    iscale: torch.Tensor,
+    spread: torch.Tensor,
+    lowest: int,
+    highest: int,
+    skip: torch.Tensor,
+    out: torch.Tensor,
+    lo: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``MAX(lowest, MIN(highest, nearest_int(iscale·(x − lo))))`` as float32 codes, into ``out`` ``[n, B]``.
 
     ``torch.round`` then ``clamp`` (three passes over memory instead of seven) equals the C bit

@@ -17,13 +17,19 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from .api import IMATRIX_FORMATS, dequantize, quantize
 from .mixtures import MIXTURES, TensorChoice, plan_mixture
 
 __all__ = [
-    "ExportResult", "export_gguf", "gguf_state_dict", "permute_qk", "unpermute_qk", "load_gguf_weights", "dequantized_model",
+    "ExportResult",
+    "export_gguf",
+    "gguf_state_dict",
+    "permute_qk",
+    "unpermute_qk",
+    "load_gguf_weights",
+    "dequantized_model",
 ]
 
 
@@ -110,8 +116,12 @@ def _tokenizer_metadata(w: gguf.GGUFWriter, tokenizer, n_vocab: int, pre: str) -
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
-    for key, adder in [("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
-                       ("unk_token_id", w.add_unk_token_id), ("pad_token_id", w.add_pad_token_id)]:
+    for key, adder in [
+        ("bos_token_id", w.add_bos_token_id),
+        ("eos_token_id", w.add_eos_token_id),
+        ("unk_token_id", w.add_unk_token_id),
+        ("pad_token_id", w.add_pad_token_id),
+    ]:
         if getattr(tokenizer, key, None) is not None:
             adder(getattr(tokenizer, key))
     w.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
@@ -173,7 +183,7 @@ def export_gguf(
     _hparams(w, cfg, name, MIXTURES[mixture][1])
     _tokenizer_metadata(w, tokenizer, cfg.vocab_size, tokenizer_pre)
     tensor_bytes = 0
-    for tname, t in tqdm(tensors.items(), desc=f"export {mixture}", disable=not progress):
+    for tname, t in progress_bar(tensors.items(), desc=f"export {mixture}", disable=not progress):
         qtype = choices[tname].qtype
         if qtype == "F32":
             data = t.numpy()

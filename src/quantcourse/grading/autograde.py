@@ -18,16 +18,18 @@ import shutil
 from pathlib import Path
 
 import nbformat
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from .config import Course
 from .runner import run_nbgrader
 
 __all__ = ["Grade", "prepare", "autograde", "write_grades_csv", "CSV_FIELDS"]
 
 CSV_FIELDS = ("student", "assignment", "score", "max_score", "status")
-_ERROR_NAMES = {"CellTimeoutError": "a cell ran past the time limit and was interrupted",
-                "DeadKernelError": "the kernel died"}
+_ERROR_NAMES = {
+    "CellTimeoutError": "a cell ran past the time limit and was interrupted",
+    "DeadKernelError": "the kernel died",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +134,9 @@ def _grade_one(course: Course, submissions: Path, student: str, assignment: str,
     return _result(course, student, assignment, run, timeout)
 
 
-def _grade_batch(course: Course, submissions: Path, students: list[str], assignment: str, timeout: float) -> list[Grade]:
+def _grade_batch(
+    course: Course, submissions: Path, students: list[str], assignment: str, timeout: float
+) -> list[Grade]:
     """Autograde all students of one assignment in one nbgrader process (trusted submissions only).
 
     Falls back to one process per student when the shared run fails.
@@ -142,13 +146,18 @@ def _grade_batch(course: Course, submissions: Path, students: list[str], assignm
     if not run.ok:
         return [_grade_one(course, submissions, s, assignment, timeout) for s in students]
     max_score = _score(course, assignment, None)[1]
-    return [Grade(s, assignment, 0.0, max_score, problems[s]) if problems[s] else _result(course, s, assignment, run, timeout)
-            for s in students]
+    return [
+        Grade(s, assignment, 0.0, max_score, problems[s])
+        if problems[s]
+        else _result(course, s, assignment, run, timeout)
+        for s in students
+    ]
 
 
 _MATHJAX_CDN = re.compile(r'<script src="https://cdnjs\.cloudflare\.com/ajax/libs/mathjax/[^"]*">\s*</script>')
-_MATHJAX_CONFIG = ("<script>window.MathJax = {tex: {inlineMath: [['$', '$'], ['\\\\(', '\\\\)']], "
-                   "processEscapes: true}};</script>")
+_MATHJAX_CONFIG = (
+    "<script>window.MathJax = {tex: {inlineMath: [['$', '$'], ['\\\\(', '\\\\)']], processEscapes: true}};</script>"
+)
 
 
 def _local_mathjax() -> Path | None:
@@ -176,7 +185,7 @@ def offline_math(feedback: Path) -> int:
         html = page.read_text()
         relative = Path(os.path.relpath(target / "tex-chtml.js", page.parent)).as_posix()
         local = f'{_MATHJAX_CONFIG}<script id="MathJax-script" src="{relative}"></script>'
-        new = _MATHJAX_CDN.sub(lambda _: local, html)
+        new = _MATHJAX_CDN.sub(lambda _, local=local: local, html)
         if new != html:
             page.write_text(new)
             changed += 1
@@ -239,20 +248,29 @@ def autograde(
     students = sorted(d.name for d in submissions.iterdir() if d.is_dir() and not d.name.startswith("."))
     named = sorted({a.name for s in students for a in (submissions / s).iterdir() if a.is_dir()})
     known = set(course.assignments())
-    grades = [Grade(s, a, 0.0, 0.0, f"error: no assignment {a!r} in {course.source}") for a in named
-              if a not in known for s in students if (submissions / s / a).is_dir()]
+    grades = [
+        Grade(s, a, 0.0, 0.0, f"error: no assignment {a!r} in {course.source}")
+        for a in named
+        if a not in known
+        for s in students
+        if (submissions / s / a).is_dir()
+    ]
     assignments = [a for a in named if a in known]
     failed = prepare(course, assignments) if generate else {}
-    grades += [Grade(s, a, 0.0, 0.0, f"error: could not prepare the assignment: {why}")
-               for a, why in failed.items() for s in students]
+    grades += [
+        Grade(s, a, 0.0, 0.0, f"error: could not prepare the assignment: {why}")
+        for a, why in failed.items()
+        for s in students
+    ]
     graded = []
     if batch:
-        for assignment in tqdm([a for a in assignments if a not in failed], desc="autograde", unit="assignment",
-                               disable=not progress):
+        for assignment in progress_bar(
+            [a for a in assignments if a not in failed], desc="autograde", unit="assignment", disable=not progress
+        ):
             graded += _grade_batch(course, submissions, students, assignment, timeout)
     else:
         jobs = [(s, a) for a in assignments if a not in failed for s in students]
-        bar = tqdm(jobs, desc="autograde", unit="submission", disable=not progress)
+        bar = progress_bar(jobs, desc="autograde", unit="submission", disable=not progress)
         for student, assignment in bar:
             bar.set_postfix_str(f"{student}/{assignment}")
             graded.append(_grade_one(course, submissions, student, assignment, timeout))

@@ -46,7 +46,7 @@ class Course:
         release: str | Path = "course",
         work: str | Path = ".nbgrader",
         cell_timeout: int = DEFAULT_CELL_TIMEOUT,
-    ) -> "Course":
+    ) -> Course:
         """The course at ``root``; relative folders are taken inside ``root``."""
         root = Path(root).resolve()
         return cls(
@@ -74,7 +74,8 @@ class Course:
         if not self.source.is_dir():
             return []
         return sorted(
-            d.name for d in self.source.iterdir()
+            d.name
+            for d in self.source.iterdir()
             if d.is_dir() and not d.name.startswith(".") and any(d.glob("*.ipynb"))
         )
 
@@ -86,7 +87,7 @@ class Course:
             raise ValueError(f"no assignment {assignment!r} in {self.source} (assignments: {known})")
         return sorted(p.name for p in folder.glob("*.ipynb"))
 
-    def with_(self, **changes) -> "Course":
+    def with_(self, **changes) -> Course:
         """A copy with some folders replaced (paths are resolved)."""
         changes = {k: (Path(v).resolve() if k != "cell_timeout" else int(v)) for k, v in changes.items()}
         return dataclasses.replace(self, **changes)

@@ -53,7 +53,8 @@ def _files(folder: Path) -> set[Path]:
     if not folder.is_dir():
         return set()
     return {
-        p.relative_to(folder) for p in folder.rglob("*")
+        p.relative_to(folder)
+        for p in folder.rglob("*")
         if p.is_file() and not _IGNORED.intersection(p.relative_to(folder).parts)
     }
 
@@ -84,10 +85,13 @@ def check_release(course: Course, *, timeout: float = 600) -> list[str]:
         expected, actual = _files(fresh.release), _files(course.release)
         hint = "run `quantcourse release` and commit course/"
         problems += [f"{rel}: missing from {course.release.name}/ ({hint})" for rel in sorted(expected - actual)]
-        problems += [f"{rel}: in {course.release.name}/ but not generated from the source ({hint})"
-                     for rel in sorted(actual - expected)]
         problems += [
-            f"{rel}: differs from a fresh release ({hint})" for rel in sorted(expected & actual)
+            f"{rel}: in {course.release.name}/ but not generated from the source ({hint})"
+            for rel in sorted(actual - expected)
+        ]
+        problems += [
+            f"{rel}: differs from a fresh release ({hint})"
+            for rel in sorted(expected & actual)
             if not filecmp.cmp(fresh.release / rel, course.release / rel, shallow=False)
         ]
     return problems

@@ -62,6 +62,7 @@ def grading_env() -> dict[str, str]:
     bin_dir = os.path.dirname(sys.executable)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("QUANTCOURSE_PROGRESS", "plain")  # no tqdm widget (CDN scripts) in feedback pages
     return env
 
 
@@ -90,8 +91,14 @@ def run_nbgrader(course: Course, command: str, *args: str, timeout: float | None
     course.work.mkdir(parents=True, exist_ok=True)
     argv = (sys.executable, "-m", "nbgrader", command, *args, *_course_flags(course))
     proc = subprocess.Popen(
-        argv, cwd=course.root, env=grading_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL, text=True, start_new_session=True,
+        argv,
+        cwd=course.root,
+        env=grading_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
     )
     try:
         output, _ = proc.communicate(timeout=timeout)

@@ -45,8 +45,10 @@ def _problems(solution: Grade | None, release: Grade | None) -> list[str]:
     if not release.ok:
         problems.append(f"release: {release.status}")
     elif release.score != 0:
-        problems.append(f"release scores {release.score:g}/{release.max_score:g}, expected 0 "
-                        "(a test that passes on the unsolved notebook gives free points)")
+        problems.append(
+            f"release scores {release.score:g}/{release.max_score:g}, expected 0 "
+            "(a test that passes on the unsolved notebook gives free points)"
+        )
     return problems
 
 
@@ -59,8 +61,9 @@ def selfcheck(
         course.notebooks(name)  # raises ValueError for an unknown assignment
     with tempfile.TemporaryDirectory(prefix="quantcourse-selfcheck-") as tmp:
         tmp = Path(tmp)
-        scratch = Course.at(tmp / "root", source=course.source, release="release", work="work",
-                            cell_timeout=course.cell_timeout)
+        scratch = Course.at(
+            tmp / "root", source=course.source, release="release", work="work", cell_timeout=course.cell_timeout
+        )
         write_config(scratch)
         failed = prepare(scratch, names, timeout=timeout)
         submissions = tmp / "submissions"
@@ -69,9 +72,20 @@ def selfcheck(
                 continue
             shutil.copytree(course.source / name, submissions / "solution" / name)
             shutil.copytree(scratch.work / "release" / name, submissions / "release" / name)
-        grades = autograde(scratch, submissions, out=tmp / "out", timeout=timeout, progress=progress,
-                           generate=False, feedback=False, batch=True) if (
-            submissions.is_dir()) else []
+        grades = (
+            autograde(
+                scratch,
+                submissions,
+                out=tmp / "out",
+                timeout=timeout,
+                progress=progress,
+                generate=False,
+                feedback=False,
+                batch=True,
+            )
+            if (submissions.is_dir())
+            else []
+        )
     results = []
     for name in names:
         if name in failed:

@@ -37,7 +37,15 @@ class CQuantizer:
         self.lib = ctypes.CDLL(path)
         f = self.lib.ggml_quantize_chunk
         f.restype = ctypes.c_size_t
-        f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        f.argtypes = [
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+        ]
         self.lib.ggml_version.restype = ctypes.c_char_p
         self.lib.ggml_commit.restype = ctypes.c_char_p
         self.version = self.lib.ggml_version().decode()
@@ -50,5 +58,7 @@ class CQuantizer:
         rows, cols = x.shape
         out = np.zeros(rows * (cols // block) * size, dtype=np.uint8)
         imat = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
-        self.lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, 0, rows, cols, None if imat is None else imat.ctypes.data)
+        self.lib.ggml_quantize_chunk(
+            int(qtype), x.ctypes.data, out.ctypes.data, 0, rows, cols, None if imat is None else imat.ctypes.data
+        )
         return out.reshape(rows, -1)

@@ -34,7 +34,7 @@ def hard_rows(rng: np.random.Generator) -> dict[str, np.ndarray]:
     n = COLS
     randn = lambda: rng.standard_normal(n)  # noqa: E731
     halves = np.zeros(n)
-    halves[n // 2:] = randn()[n // 2:]
+    halves[n // 2 :] = randn()[n // 2 :]
     ties = np.full(n, 0.5) + np.arange(n) % 127  # half-integers: roundf and nearest_int ties
     ties[::32] = 127.0  # absmax 127 -> Q8_0 scale exactly 1
     signed_zeros = np.where(np.arange(n) % 2 == 0, 0.0, -0.0)
@@ -100,8 +100,12 @@ def main() -> None:
         llama_cpp_python = version("llama-cpp-python")
     except Exception:  # the script may run in another environment than the package
         llama_cpp_python = os.environ.get("LLAMA_CPP_PYTHON_VERSION", "unknown")
-    meta = {"ggml_version": cq.version, "ggml_commit": cq.commit, "llama_cpp_python": llama_cpp_python,
-            "function": "ggml_quantize_chunk(type, x, dst, 0, rows, cols, imatrix=NULL or the stored imatrix)"}
+    meta = {
+        "ggml_version": cq.version,
+        "ggml_commit": cq.commit,
+        "llama_cpp_python": llama_cpp_python,
+        "function": "ggml_quantize_chunk(type, x, dst, 0, rows, cols, imatrix=NULL or the stored imatrix)",
+    }
     out["meta"] = np.array(json.dumps(meta))
     np.savez_compressed(os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden.npz"), **out)
     print(json.dumps(meta), {k: v.shape for k, v in out.items() if k not in ("meta",)})
