@@ -93,6 +93,7 @@ class Q8_0(BlockFormat):
     """
 
     name = "Q8_0"
+    no_imatrix_reason = "Q8_0 has no scale search for an importance matrix to weight (llama.cpp ignores it)"
 
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
@@ -120,6 +121,7 @@ class Q4_0(BlockFormat):
     """
 
     name = "Q4_0"
+    imatrix_sigma = "row"
 
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
@@ -150,6 +152,7 @@ class Q4_1(BlockFormat):
     """
 
     name = "Q4_1"
+    imatrix_sigma = "row"
     n_levels = 15
 
     @classmethod
@@ -195,6 +198,7 @@ class Q5_0(BlockFormat):
     """
 
     name = "Q5_0"
+    imatrix_sigma = "row"
 
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,6 +231,7 @@ class Q5_1(Q4_1):
     """
 
     name = "Q5_1"
+    imatrix_sigma = "row"
     n_levels = 31
 
     @classmethod
