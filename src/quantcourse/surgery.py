@@ -9,6 +9,7 @@ Algorithms elsewhere ask this module for "the decoder blocks", "the linear layer
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,6 +22,9 @@ __all__ = [
     "get_module",
     "as_plain_linears",
     "linear_weight_matrices",
+    "ScaleGroup",
+    "scale_groups",
+    "attention_score_linears",
 ]
 
 # (path to the ModuleList of decoder blocks) for each supported layout, tried in order: causal LMs
@@ -115,3 +119,95 @@ def linear_weight_matrices(model: nn.Module, *, include_head: bool = False) -> I
     """``(name, W [out, in])`` for every linear layer, without copying."""
     for name, linear in find_linears(model, include_head=include_head).items():
         yield name, linear.weight
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """Linear layers that read the same input, and the op whose output that input is.
+
+    AWQ and SmoothQuant scale the input channels of ``linears`` by ``s`` (``W ← W·diag(s)``) and fold
+    ``1/s`` into ``prev``, so that the block computes the same function. Every name is a path inside
+    the decoder block (``"self_attn.q_proj"``).
+
+    Attributes:
+        name: a short label for reports (``"qkv"``, ``"o"``, ``"gate_up"``, ``"down"``).
+        prev: the op that produces the shared input: a norm (its weight, and bias if any, are divided
+            by ``s``) or a linear layer (its last ``len(s)`` output rows and bias are divided by ``s``).
+        linears: the linear layers fed by ``prev``.
+        inspect: the module whose output a scale search compares (the whole attention for q/k/v, the
+            whole MLP for gate/up, the layer itself otherwise), as AWQ's reference does.
+    """
+
+    name: str
+    prev: str
+    linears: tuple[str, ...]
+    inspect: str
+
+
+def _same_shape(block: nn.Module, a: str, b: str) -> bool:
+    return tuple(get_module(block, a).weight.shape) == tuple(get_module(block, b).weight.shape)
+
+
+def scale_groups(block: nn.Module) -> list[ScaleGroup]:
+    """The scale groups of one decoder block, in execution order (the fold map of AWQ and SmoothQuant).
+
+    ===========  ==========================  =========================  ==================
+    family       prev                        linears                    inspect
+    ===========  ==========================  =========================  ==================
+    Llama-style  input_layernorm             q, k, v                    self_attn
+                 v_proj (only if v and o     o_proj                     o_proj
+                 have the same shape: never
+                 under grouped-query attn.)
+                 post_attention_layernorm    gate, up                   mlp
+                 up_proj                     down_proj                  down_proj
+    OPT          self_attn_layer_norm        q, k, v                    self_attn
+                 v_proj                      out_proj                   out_proj
+                 final_layer_norm            fc1                        fc1
+                 fc1                         fc2                        fc2
+    GPT-2        ln_1                        attn.c_attn (fused q/k/v)  attn
+                 attn.c_attn (its v rows)    attn.c_proj                attn.c_proj
+                 ln_2                        mlp.c_fc                   mlp
+    ===========  ==========================  =========================  ==================
+
+    GPT-2's ``c_fc → c_proj`` has a GELU between them, which a scale does not pass through: the
+    reference wraps the activation in a scaling module for such models; this map leaves it out.
+    """
+    if hasattr(block, "input_layernorm") and hasattr(block, "mlp") and hasattr(block.mlp, "gate_proj"):
+        groups = [
+            ScaleGroup(
+                "qkv", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"
+            )
+        ]
+        if _same_shape(block, "self_attn.v_proj", "self_attn.o_proj"):
+            groups.append(ScaleGroup("o", "self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"))
+        groups.append(ScaleGroup("gate_up", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"))
+        groups.append(ScaleGroup("down", "mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"))
+        return groups
+    if hasattr(block, "self_attn_layer_norm") and hasattr(block, "fc1"):
+        groups = [
+            ScaleGroup(
+                "qkv", "self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"
+            )
+        ]
+        if _same_shape(block, "self_attn.v_proj", "self_attn.out_proj"):
+            groups.append(ScaleGroup("o", "self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"))
+        groups += [ScaleGroup("fc1", "final_layer_norm", ("fc1",), "fc1"), ScaleGroup("fc2", "fc1", ("fc2",), "fc2")]
+        return groups
+    if hasattr(block, "ln_1") and hasattr(block, "attn") and hasattr(block.attn, "c_attn"):
+        return [
+            ScaleGroup("qkv", "ln_1", ("attn.c_attn",), "attn"),
+            ScaleGroup("o", "attn.c_attn", ("attn.c_proj",), "attn.c_proj"),
+            ScaleGroup("fc", "ln_2", ("mlp.c_fc",), "mlp"),
+        ]
+    raise ValueError(
+        f"no fold map for a {type(block).__name__} block: scale_groups knows Llama-style, OPT and GPT-2 blocks"
+    )
+
+
+def attention_score_linears(block: nn.Module) -> tuple[str, ...]:
+    """The linears whose outputs meet in the attention scores ``q·kᵀ`` (paths inside the block).
+
+    AWQ's clip search skips them (the reference: "due to qk bmm, it is hard to clip precisely").
+    """
+    names = tuple(find_linears(block))
+    return tuple(n for n in names if n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "c_attn"))
