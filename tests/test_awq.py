@@ -5,9 +5,8 @@ import copy
 import pytest
 import torch
 from tiny_models import TINY_MODELS, tiny_llama, tiny_opt
-from torch import nn
 
-from quantcourse import awq, gptq, pipeline, serialization, surgery
+from quantcourse import awq, gptq, pipeline, serialization, surgery, weights
 
 
 def reference_pseudo_quantize(w, n_bit, q_group_size):
@@ -66,7 +65,7 @@ def test_awq_grid_is_not_widened_to_zero_as_gptqs():
     W = torch.linspace(1.0, 2.0, 64).reshape(1, 64)
     scale, zero = awq.awq_qparams(W, 4, 64)
     assert scale.item() == pytest.approx(1.0 / 15) and zero.item() == 0
-    assert gptq.gptq_qparams(W, 4).scale.item() == pytest.approx(2.0 / 15)  # GPTQ's range is [0, 2]
+    assert weights.weight_qparams(W, 4).scale.item() == pytest.approx(2.0 / 15)  # GPTQ's range is [0, 2]
 
 
 def test_activation_scale_is_the_mean_magnitude_over_all_batches():
@@ -101,40 +100,15 @@ def _block_inputs(model, n=2, seq=16, seed=0):
 
 
 @pytest.mark.parametrize("family", list(TINY_MODELS))
-def test_folding_every_group_leaves_the_block_function_unchanged(family):
+def test_scaling_every_group_with_searched_scales_leaves_the_block_function_unchanged(family):
     model = TINY_MODELS[family]()
     ctx = _block_inputs(model)
     before = ctx.run()
-    gen = torch.Generator().manual_seed(1)
-    groups = surgery.scale_groups(ctx.block)
-    assert [g.name for g in groups][:1] == ["qkv"]
-    for g in groups:
-        n_in = surgery.get_module(ctx.block, g.linears[0]).weight.shape[1]
-        s = torch.rand(n_in, generator=gen) * 4 + 0.25
-        awq.fold_scales(surgery.get_module(ctx.block, g.prev), [surgery.get_module(ctx.block, n) for n in g.linears], s)
+    report = awq.awq_block(ctx, 3, group_size=16, n_grid=5, clip=False)
+    assert len(report.searches) == len(surgery.scale_groups(ctx.block))
+    assert any(s.alpha > 0 for s in report.searches.values())  # something was really scaled
     for a, b in zip(before, ctx.run(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-
-
-def test_the_fold_map_follows_the_shapes():
-    llama = {g.name: g for g in surgery.scale_groups(surgery.decoder_blocks(tiny_llama())[0])}
-    assert "o" not in llama  # grouped-query attention: v_proj [16, 32] cannot feed o_proj [32, 32] one scale each
-    assert llama["qkv"].inspect == "self_attn" and llama["gate_up"].inspect == "mlp"
-    assert llama["down"].prev == "mlp.up_proj"
-    opt = {g.name: g for g in surgery.scale_groups(surgery.decoder_blocks(tiny_opt())[0])}
-    assert opt["o"].prev == "self_attn.v_proj" and opt["o"].linears == ("self_attn.out_proj",)
-    with pytest.raises(ValueError, match="no fold map"):
-        surgery.scale_groups(nn.Linear(4, 4))
-
-
-def test_fold_errors():
-    norm, fc = nn.LayerNorm(8), nn.Linear(8, 4)
-    with pytest.raises(ValueError, match="positive"):
-        awq.fold_scales(norm, [fc], -torch.ones(8))
-    with pytest.raises(ValueError, match="input features"):
-        awq.fold_scales(norm, [fc], torch.ones(6))
-    with pytest.raises(ValueError, match="cannot fold scales into a ReLU"):
-        awq.fold_scales(nn.ReLU(), [fc], torch.ones(8))
 
 
 def test_alpha_zero_leaves_the_weights_unchanged():
@@ -142,9 +116,7 @@ def test_alpha_zero_leaves_the_weights_unchanged():
     block = surgery.decoder_blocks(model)[0]
     saved = copy.deepcopy(block.state_dict())
     s_x = torch.rand(32) * 5
-    awq.fold_scales(
-        block.input_layernorm, [block.self_attn.q_proj, block.self_attn.k_proj], awq.scales_for_alpha(s_x, 0)
-    )
+    surgery.fold_scales(surgery.scale_groups(block)[0], awq.scales_for_alpha(s_x, 0))
     for key, value in block.state_dict().items():
         assert torch.equal(value, saved[key]), key
     W = block.mlp.down_proj.weight
@@ -210,7 +182,8 @@ def test_awq_on_a_tiny_model_reports_every_group_and_keeps_the_function_before_r
     before = model(probe).logits
     report = awq.awq_transform_model(model, calibration, 4, group_size=32, n_grid=10, clip=False, progress=False)
     torch.testing.assert_close(model(probe).logits, before, rtol=1e-4, atol=1e-4)  # scaling alone is exact
-    assert set(report.alphas) == {f"model.decoder.layers.{i}.{g}" for i in range(2) for g in ("qkv", "o", "fc1", "fc2")}
+    groups = ("self_attn.q_proj", "self_attn.out_proj", "fc1", "fc2")  # a group is named by its first linear
+    assert set(report.alphas) == {f"model.decoder.layers.{i}.{g}" for i in range(2) for g in groups}
     assert all(0 <= a < 1 for a in report.alphas.values())
     assert set(report.blocks[0].seconds) == {"statistics", "scale search", "clip search"}
 
@@ -339,6 +312,7 @@ def test_awq_beats_rtn_on_real_course_model_activations(course_model):
     rtn_error = rounded_error()
     blocks[index].load_state_dict(float_state)
     report = awq.awq_block(calib_ctx, 3, group_size=64)
-    assert set(report.searches) == {f"model.layers.{index}.{g}" for g in ("qkv", "gate_up", "down")}
+    groups = ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj")  # no v -> o under grouped-query attention
+    assert set(report.searches) == {f"model.layers.{index}.{g}" for g in groups}
     awq_error = rounded_error()
     assert awq_error < 0.9 * rtn_error, (awq_error, rtn_error)

@@ -9,7 +9,8 @@ A few input channels of a linear layer see much larger activations than the rest
 that multiply them matter most. AWQ protects them without mixed precision: it multiplies the input
 channels of the weight by ``s > 1`` where activations are large (``W·diag(s)``), so those weights sit
 on a relatively finer grid, and divides the layer's input by ``s``, folded exactly into the op before
-it (a norm's weight, or the rows of the previous linear). Per block, following the reference:
+it (a norm's weight, or the rows of the previous linear: :func:`quantcourse.surgery.fold_scales`).
+Per block, following the reference:
 
 1. **Statistics**: run the block on its calibration inputs and keep every linear's input ``X``;
    ``s_X[j] = mean_t |X[t, j]|``, the mean magnitude of input channel ``j``.
@@ -52,10 +53,9 @@ import torch
 from torch import nn
 
 from . import surgery
-from .gptq import GPTQResult
 from .pipeline import BlockContext, run_blockwise
 from .primitives import check_float_tensor, check_n_bits
-from .serialization import QuantizedModel
+from .weights import QuantizedModel, QuantizedWeight
 
 __all__ = [
     "N_GRID",
@@ -70,7 +70,6 @@ __all__ = [
     "search_scale",
     "module_output_loss",
     "linear_output_loss",
-    "fold_scales",
     "search_clip",
     "apply_clip",
     "BlockReport",
@@ -122,7 +121,7 @@ def awq_qparams(W: torch.Tensor, n_bits: int, group_size: int | None = 64) -> tu
     """The reference's asymmetric grid per group: ``(scale, zero_point)``, each ``[out, n_groups]``.
 
     ``scale = max(max_g - min_g, 1e-5) / (2^b - 1)`` and ``zero = clamp(-round(min_g / scale), 0, 2^b - 1)``,
-    from the group's own minimum and maximum. Unlike GPTQ's grid (:func:`quantcourse.gptq.gptq_qparams`)
+    from the group's own minimum and maximum. Unlike GPTQ's grid (:func:`quantcourse.weights.weight_qparams`)
     the range is *not* widened to contain 0: a group of all-positive weights keeps its own minimum, and
     its zero point clamps at 0 (the codes of its largest weights then clamp at ``2^b - 1``, as in the reference).
 
@@ -161,7 +160,7 @@ def pseudo_quantize(W: torch.Tensor, n_bits: int, group_size: int | None = 64) -
     return q.sub_(z).mul_(s).reshape(W.shape)
 
 
-def quantize_weight(W: torch.Tensor, n_bits: int, group_size: int | None = 64) -> GPTQResult:
+def quantize_weight(W: torch.Tensor, n_bits: int, group_size: int | None = 64) -> QuantizedWeight:
     """Round-to-nearest on AWQ's grid, keeping the integer codes (for storage).
 
     Returns:
@@ -175,18 +174,7 @@ def quantize_weight(W: torch.Tensor, n_bits: int, group_size: int | None = 64) -
     g_idx = torch.arange(W.shape[1], device=W.device) // (group_size or W.shape[1])
     scale = scale.float()
     weight = (scale[:, g_idx] * (codes.float() - zero[:, g_idx].float())).to(W.dtype)
-    return GPTQResult(
-        weight=weight,
-        codes=codes,
-        scale=scale,
-        zero_point=zero,
-        g_idx=g_idx,
-        perm=None,
-        loss=None,
-        n_bits=n_bits,
-        group_size=group_size,
-        symmetric=False,
-    )
+    return QuantizedWeight(weight, codes, scale, zero, n_bits, group_size, False, g_idx=g_idx)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -381,50 +369,6 @@ def linear_output_loss(W: torch.Tensor, X: torch.Tensor | Sequence[torch.Tensor]
     return gram
 
 
-@torch.no_grad()
-def fold_scales(prev: nn.Module, linears: Sequence[nn.Linear], scales: torch.Tensor) -> None:
-    """Scale the input channels of ``linears`` by ``s`` and fold ``1/s`` into ``prev``, in place.
-
-    The block computes the same function afterwards (up to float rounding):
-
-    - ``prev`` a norm (RMSNorm, LayerNorm: a 1-D ``weight`` of ``len(s)``): ``weight /= s``, ``bias /= s``;
-    - ``prev`` an ``nn.Linear``: its last ``len(s)`` output rows and bias entries ``/= s`` (the
-      reference's ``scale_fc_fc``; "last" because a fused q/k/v layer feeds the next layer its v rows);
-    - every linear: ``W[:, j] *= s[j]``.
-
-    Args:
-        prev: the op whose output the linears read.
-        linears: the layers fed by it.
-        scales: ``[in]``, positive.
-    """
-    check_float_tensor(scales, "scales")
-    if scales.dim() != 1 or not bool((scales > 0).all()):
-        raise ValueError("scales must be a 1-D tensor of positive values, one per input channel")
-    n = scales.shape[0]
-    for linear in linears:
-        if linear.weight.shape[1] != n:
-            raise ValueError(f"a linear layer has {linear.weight.shape[1]} input features, scales has {n}")
-    if isinstance(prev, nn.Linear):
-        if prev.weight.shape[0] < n:
-            raise ValueError(f"prev has {prev.weight.shape[0]} output rows, fewer than the {n} scales")
-        prev.weight[-n:].div_(scales.view(-1, 1).to(prev.weight))
-        if prev.bias is not None:
-            prev.bias[-n:].div_(scales.to(prev.bias))
-    else:
-        weight = getattr(prev, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.shape[0] != n:
-            raise ValueError(
-                f"cannot fold scales into a {type(prev).__name__}: prev must be an nn.Linear or a norm "
-                f"with a 1-D weight of {n} entries (RMSNorm, LayerNorm)"
-            )
-        weight.div_(scales.to(weight))
-        bias = getattr(prev, "bias", None)
-        if isinstance(bias, torch.Tensor):
-            bias.div_(scales.to(bias))
-    for linear in linears:
-        linear.weight.mul_(scales.view(1, -1).to(linear.weight))
-
-
 # ---------------------------------------------------------------------------------------------------
 # Step 3: the clip search
 # ---------------------------------------------------------------------------------------------------
@@ -526,22 +470,10 @@ class BlockReport:
 
 
 @torch.no_grad()
-def _record_block(ctx: BlockContext, inspect: set[str]) -> tuple[dict[str, list], dict[str, list]]:
+def _record_block(ctx: BlockContext, inspect: dict[str, nn.Module]) -> tuple[dict[str, list], dict[str, list]]:
     """Run the block once; return each linear's inputs and each inspected module's calls (args, kwargs)."""
-    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in surgery.find_linears(ctx.block)}
-    calls: dict[str, list[tuple[tuple, dict]]] = {name: [] for name in inspect}
-    handles = []
-    for name, linear in surgery.find_linears(ctx.block).items():
-        handles.append(linear.register_forward_hook(lambda m, a, o, name=name: inputs[name].append(a[0])))
-    for name in inspect:
-        module = surgery.get_module(ctx.block, name)
-        hook = lambda m, a, k, name=name: calls[name].append((a, dict(k)))  # noqa: E731
-        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
+    with surgery.record_inputs(surgery.find_linears(ctx.block)) as inputs, surgery.record_calls(inspect) as calls:
         ctx.run()
-    finally:
-        for handle in handles:
-            handle.remove()
     return inputs, calls
 
 
@@ -560,7 +492,7 @@ def awq_block(
 ) -> BlockReport:
     """AWQ's scale and clip search on one decoder block, applied in place (``auto_scale_block``, ``auto_clip_block``).
 
-    The block's weights stay in float: scaled (an exact fold, see :func:`fold_scales`) and clipped.
+    The block's weights stay in float: scaled (an exact fold, :func:`quantcourse.surgery.fold_scales`) and clipped.
     Quantize them afterwards (:func:`quantize_weight`, or GPTQ).
 
     Args:
@@ -571,36 +503,41 @@ def awq_block(
     """
     report = BlockReport(ctx.index)
     block, prefix = ctx.block, f"{ctx.name}."
-    groups = surgery.scale_groups(block)
     linears = surgery.find_linears(block)
+    name_of = {id(linear): name for name, linear in linears.items()}
+    groups = surgery.scale_groups(block)
+    inspected = {g.name: g.inspect for g in groups if g.inspect not in g.linears}  # modules run whole
     t0 = time.perf_counter()
-    inputs, calls = _record_block(ctx, {g.inspect for g in groups if g.inspect not in g.linears})
+    inputs, calls = _record_block(ctx, inspected)
     X: dict[str, torch.Tensor] = {}  # [tokens, in] per linear; q/k/v (gate/up) share one tensor
     flat: dict[tuple[int, ...], torch.Tensor] = {}
     for name, batches in inputs.items():
         X[name] = flat.setdefault(tuple(id(x) for x in batches), _flat(batches))
     del flat
-    stats = {g.name: activation_scale(X[g.linears[0]]) for g in groups}
+    stats = {g.name: activation_scale(X[g.name]) for g in groups}  # a group's name is its first linear's
     t1 = time.perf_counter()
     found = []
     for g in groups:
-        layer_list = [linears[name] for name in g.linears]
-        if g.inspect in g.linears:  # the layer itself: exact quadratic loss from its Gram matrix
-            loss = linear_output_loss(layer_list[0].weight, X[g.linears[0]])
-        else:
-            module = surgery.get_module(block, g.inspect)
-            run = lambda module=module, g=g: [module(*a, **k) for a, k in calls[g.inspect]]  # noqa: E731
-            loss = module_output_loss(layer_list, run)
+        if g.name in inspected:  # the whole attention or MLP, replayed on the recorded calls
+            run = lambda g=g: [g.inspect(*a, **k) for a, k in calls[g.name]]  # noqa: E731
+            loss = module_output_loss(g.linears, run)
+        else:  # the layer itself: exact quadratic loss from its inputs
+            loss = linear_output_loss(g.linears[0].weight, X[g.name])
         search = search_scale(
-            [lin.weight for lin in layer_list], stats[g.name], loss, n_bits=n_bits, group_size=group_size, n_grid=n_grid
+            [lin.weight for lin in g.linears],
+            stats[g.name],
+            loss,
+            n_bits=n_bits,
+            group_size=group_size,
+            n_grid=n_grid,
         )
         report.searches[prefix + g.name] = search
         found.append((g, search.scales))
     for g, scales in found:  # all searched on the unscaled block, then folded (apply_scale)
-        fold_scales(surgery.get_module(block, g.prev), [linears[n] for n in g.linears], scales)
-        scaled = X[g.linears[0]] / scales.to(X[g.linears[0]])  # the inputs the scaled layers now see
-        for name in g.linears:
-            X[name] = scaled
+        surgery.fold_scales(g, scales.to(g.linears[0].weight))
+        scaled = X[g.name] / scales.to(X[g.name])  # the inputs the scaled layers now see
+        for linear in g.linears:
+            X[name_of[id(linear)]] = scaled
     t2 = time.perf_counter()
     if clip:
         skip = set(surgery.attention_score_linears(block))
