@@ -112,23 +112,28 @@ def table(calibration, eval_tokens, group_size: int, bits: tuple[int, ...], wind
             }
         )
         print(json.dumps(rows[-1]), flush=True)
-        save(rows)
+        save(rows, timings)
 
-    for n_bits in bits:
+    searched = {}
+    for n_bits in bits:  # the cheap rows first: RTN and AWQ at every width, then GPTQ and AWQ+GPTQ
         model, _ = load_model()
         quantized = awq.round_model(model, n_bits, group_size=group_size)
         add("RTN", n_bits, model, quantized, quantized.seconds)
         model, report, timings[n_bits] = awq_search(calibration, n_bits, group_size)
+        save(rows, timings)
         alpha = sum(report.alphas.values()) / len(report.alphas)
         awq_model = copy.deepcopy(model)
         quantized = awq.round_model(awq_model, n_bits, group_size=group_size)
         add("AWQ", n_bits, awq_model, quantized, report.seconds + quantized.seconds, mean_alpha=alpha)
-        del awq_model
-        quantized = gptq.quantize_model(model, calibration, n_bits=n_bits, group_size=group_size, progress=False)
-        add("AWQ+GPTQ", n_bits, model, quantized, report.seconds + quantized.seconds)
+        searched[n_bits] = (model, report.seconds)
+        del awq_model, quantized
+    for n_bits in bits:
         model, _ = load_model()
         quantized = gptq.quantize_model(model, calibration, n_bits=n_bits, group_size=group_size, progress=False)
         add("GPTQ", n_bits, model, quantized, quantized.seconds)
+        model, search_seconds = searched.pop(n_bits)
+        quantized = gptq.quantize_model(model, calibration, n_bits=n_bits, group_size=group_size, progress=False)
+        add("AWQ+GPTQ", n_bits, model, quantized, search_seconds + quantized.seconds)
         del model, quantized
     return timings
 
@@ -159,9 +164,11 @@ def main() -> None:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
 
-    def save(rows=None):
+    def save(rows=None, searches=None):
         if rows is not None:
             result["table"] = rows
+        if searches is not None:  # the table's AWQ searches, with their time per block and stage
+            result["table_searches"] = {str(n): t for n, t in searches.items()}
         result["meta"]["load_average_end"] = os.getloadavg()[0]
         args.output.write_text(json.dumps(result, indent=1))
 
