@@ -39,6 +39,7 @@ SUBMODULES = (
     "pipeline",
     "weights",
     "gptq",
+    "awq",
     "packing",
     "serialization",
     "gguf",
