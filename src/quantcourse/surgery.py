@@ -8,10 +8,14 @@ Algorithms elsewhere ask this module for "the decoder blocks", "the linear layer
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
+
+T = TypeVar("T")
 
 __all__ = [
     "decoder_blocks",
@@ -21,6 +25,10 @@ __all__ = [
     "get_module",
     "as_plain_linears",
     "linear_weight_matrices",
+    "ScaleGroup",
+    "scale_groups",
+    "is_norm",
+    "record_inputs",
 ]
 
 # (path to the ModuleList of decoder blocks) for each supported layout, tried in order: causal LMs
@@ -115,3 +123,100 @@ def linear_weight_matrices(model: nn.Module, *, include_head: bool = False) -> I
     """``(name, W [out, in])`` for every linear layer, without copying."""
     for name, linear in find_linears(model, include_head=include_head).items():
         yield name, linear.weight
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a LayerNorm or an RMSNorm (``weight * x_hat`` [+ bias]): its weight can absorb a scale."""
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """Linear layers that read the same tensor, and the op that produces it.
+
+    A per-input-channel scale ``s`` of the group can be folded exactly into ``prev``: divide
+    ``prev``'s output channels by ``s`` (a norm's weight and bias, or a linear's rows) and multiply the
+    columns of every layer in ``linears`` by ``s``.
+
+    Attributes:
+        name: a short label within the block: ``"attn_in"`` (norm -> q/k/v), ``"mlp_in"``
+            (norm -> gate/up or fc1), ``"attn_out"`` (v -> o), ``"mlp_out"`` (up -> down, fc1 -> fc2).
+        prev: the module whose output is the group's input (a norm or a linear).
+        linears: the layers that read it, in definition order.
+        inspect: the module whose output measures the effect of quantizing ``linears`` (the whole
+            attention for q/k/v, the MLP for gate/up, the layer itself otherwise).
+    """
+
+    name: str
+    prev: nn.Module
+    linears: tuple[nn.Linear, ...]
+    inspect: nn.Module
+
+
+def _has(module: nn.Module, *paths: str) -> bool:
+    try:
+        return all(isinstance(get_module(module, p), nn.Module) for p in paths)
+    except AttributeError:
+        return False
+
+
+def scale_groups(block: nn.Module) -> list[ScaleGroup]:
+    """The groups of linears of one decoder block that share an input, with the op that produces it.
+
+    Llama-style: input_layernorm -> q/k/v, post_attention_layernorm -> gate/up, v -> o (only when
+    v's outputs are o's inputs one for one, i.e. no grouped-query attention), up -> down. OPT (pre-norm
+    only): self_attn_layer_norm -> q/k/v, final_layer_norm -> fc1, v -> out_proj, fc1 -> fc2 (ReLU
+    commutes with positive scales). GPT-2 (after :func:`as_plain_linears`): ln_1 -> c_attn,
+    ln_2 -> c_fc (GELU does not commute with scales, so nothing feeds c_proj).
+    """
+    g = lambda p: get_module(block, p)  # noqa: E731
+    groups: list[ScaleGroup] = []
+    if _has(block, "input_layernorm", "self_attn.q_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj"):
+        attn, mlp = g("self_attn"), g("mlp")
+        groups.append(ScaleGroup("attn_in", g("input_layernorm"), (attn.q_proj, attn.k_proj, attn.v_proj), attn))
+        groups.append(ScaleGroup("mlp_in", g("post_attention_layernorm"), (mlp.gate_proj, mlp.up_proj), mlp))
+        if (
+            attn.v_proj.weight.shape[0] == attn.o_proj.weight.shape[1]
+            and attn.q_proj.weight.shape == attn.v_proj.weight.shape
+        ):
+            groups.append(ScaleGroup("attn_out", attn.v_proj, (attn.o_proj,), attn.o_proj))
+        groups.append(ScaleGroup("mlp_out", mlp.up_proj, (mlp.down_proj,), mlp.down_proj))
+    elif _has(block, "self_attn_layer_norm", "self_attn.q_proj", "final_layer_norm", "fc1", "fc2"):
+        if not getattr(block, "do_layer_norm_before", True):
+            return []  # post-norm OPT (350m): no norm output feeds the linears directly
+        attn = g("self_attn")
+        groups.append(ScaleGroup("attn_in", g("self_attn_layer_norm"), (attn.q_proj, attn.k_proj, attn.v_proj), attn))
+        groups.append(ScaleGroup("mlp_in", g("final_layer_norm"), (g("fc1"),), g("fc1")))
+        groups.append(ScaleGroup("attn_out", attn.v_proj, (attn.out_proj,), attn.out_proj))
+        groups.append(ScaleGroup("mlp_out", g("fc1"), (g("fc2"),), g("fc2")))
+    elif _has(block, "ln_1", "attn.c_attn", "ln_2", "mlp.c_fc"):
+        if not isinstance(g("attn.c_attn"), nn.Linear):
+            raise ValueError("GPT-2 blocks hold Conv1D layers: call surgery.as_plain_linears(model) first")
+        groups.append(ScaleGroup("attn_in", g("ln_1"), (g("attn.c_attn"),), g("attn")))
+        groups.append(ScaleGroup("mlp_in", g("ln_2"), (g("mlp.c_fc"),), g("mlp")))
+    else:
+        raise ValueError(
+            f"cannot find the norm/linear layout of {type(block).__name__}: "
+            "supported blocks are Llama-style, OPT and GPT-2"
+        )
+    return groups
+
+
+def record_inputs(
+    modules: Mapping[str, nn.Module], run: Callable[[], T], on_input: Callable[[str, torch.Tensor], None]
+) -> T:
+    """Call ``on_input(name, x)`` with the input of each of ``modules`` while ``run()`` runs; return its result.
+
+    ``x`` is the module's first positional input as it arrives (e.g. ``[batch, seq, in]``); layers
+    that read the same tensor receive the same object, so shared work can be done once
+    (``x is previous_x``). The hooks are removed afterwards, even on error.
+    """
+    handles = [
+        module.register_forward_pre_hook(lambda mod, args, _name=name: on_input(_name, args[0]))
+        for name, module in modules.items()
+    ]
+    try:
+        return run()
+    finally:
+        for handle in handles:
+            handle.remove()
