@@ -203,7 +203,9 @@ def test_smooth_model_computes_the_same_function(family, alpha):
     assert len(report.factors) == 2 * blocks  # the attention norm's group and the FFN norm's group
     smoothed = {n for names in report.linears.values() for n in names}
     assert not smoothed & set(report.unsmoothed)
-    assert all(not n.endswith(("o_proj", "down_proj", "out_proj", "fc2", "c_proj")) for n in smoothed)
+    assert all(
+        n.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "fc1", "c_attn", "c_fc")) for n in smoothed
+    )
     assert all(n.endswith(("o_proj", "down_proj", "out_proj", "fc2", "c_proj")) for n in report.unsmoothed)
 
 
@@ -418,34 +420,3 @@ def test_fold_rejects_mismatched_factors():
         fold_smoothing(nn.LayerNorm(8), [nn.Linear(8, 4)], torch.ones(6))
     with pytest.raises(ValueError, match="positive"):
         fold_smoothing(nn.LayerNorm(8), [nn.Linear(8, 4)], torch.zeros(8))
-
-
-# ---- surgery: the groups SmoothQuant folds into ---------------------------------------------------
-
-NORM_FED = {
-    "llama": {"attn_in": ("q_proj", "k_proj", "v_proj"), "mlp_in": ("gate_proj", "up_proj")},
-    "opt": {"attn_in": ("q_proj", "k_proj", "v_proj"), "mlp_in": ("fc1",)},
-    "gpt2": {"attn_in": ("c_attn",), "mlp_in": ("c_fc",)},
-}
-
-
-@pytest.mark.parametrize("family", TINY_MODELS)
-def test_scale_groups_name_the_norm_fed_linears(family):
-    model = _model(family)
-    block = surgery.decoder_blocks(model)[0]
-    names = {id(m): n for n, m in block.named_modules()}
-    norm_fed = {g.name: g for g in surgery.scale_groups(block) if surgery.is_norm(g.prev)}
-    assert set(norm_fed) == set(NORM_FED[family])
-    for gname, suffixes in NORM_FED[family].items():
-        got = tuple(names[id(fc)].split(".")[-1] for fc in norm_fed[gname].linears)
-        assert got == suffixes
-        # the group's input really is the norm's output
-        seen: dict[str, torch.Tensor] = {}
-        surgery.record_inputs(
-            {"prev": norm_fed[gname].prev, **{str(i): fc for i, fc in enumerate(norm_fed[gname].linears)}},
-            lambda: model(_tokens(n=1)),
-            lambda n, x, seen=seen: seen.setdefault(n, x),
-        )
-        out = norm_fed[gname].prev(seen["prev"])
-        for i in range(len(suffixes)):
-            torch.testing.assert_close(seen[str(i)], out)

@@ -158,7 +158,11 @@ class ActMaxCollector:
         self._last: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
 
     def update(self, name: str, x: torch.Tensor) -> None:
-        """Fold a batch of inputs ``x [..., in]`` of layer ``name`` into its running max."""
+        """Fold a batch of inputs ``x [..., in]`` of layer ``name`` into its running max.
+
+        Also usable as :func:`quantcourse.surgery.record_inputs`' ``on_input(name, module, x)`` through
+        :meth:`on_input`.
+        """
         if x is self._last[0]:
             batch_max = self._last[1]
         else:
@@ -167,6 +171,10 @@ class ActMaxCollector:
         old = self.maxima.get(name)
         self.maxima[name] = batch_max.clone() if old is None else torch.maximum(old, batch_max)
         self.n_tokens[name] = self.n_tokens.get(name, 0) + x.numel() // x.shape[-1]
+
+    def on_input(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        """The ``on_input`` callback of :func:`quantcourse.surgery.record_inputs`."""
+        self.update(name, x)
 
     def reset_shared(self) -> None:
         """Forget the last input (call between forward passes so no stale tensor is kept alive)."""
@@ -218,9 +226,8 @@ def collect_act_scales(
         for batch in progress_bar(
             calibration.split(batch_size), desc="activation maxima", disable=not progress, leave=False
         ):
-            surgery.record_inputs(
-                linears, lambda b=batch: model(input_ids=b.to(device), use_cache=False), collector.update
-            )
+            with surgery.record_inputs(linears, collector.on_input):
+                model(input_ids=batch.to(device), use_cache=False)
             collector.reset_shared()
     finally:
         model.train(was_training)
@@ -272,32 +279,26 @@ def smoothing_factors(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: fl
     return (act_max.float().pow(alpha) / weight_max.pow(1.0 - alpha)).clamp(min=CLAMP_MIN)
 
 
-@torch.no_grad()
 def fold_smoothing(norm: nn.Module, linears: Sequence[nn.Linear], s: torch.Tensor) -> None:
     """Fold ``s`` in place: ``norm.weight /= s`` (and ``norm.bias``), each ``linear.weight[:, j] *= s_j``.
 
-    ``norm`` is any module with an elementwise affine ``weight [in]`` (LayerNorm, RMSNorm) whose
-    output feeds all of ``linears`` and nothing else; the block then computes the same function.
+    ``norm`` is a LayerNorm or RMSNorm whose output feeds all of ``linears``; the block then computes
+    the same function. The fold itself is :func:`quantcourse.surgery.fold_scales` (shared with AWQ).
     """
-    weight = getattr(norm, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+    if not surgery.is_norm(norm):
         raise ValueError(
-            f"{type(norm).__name__} has no elementwise weight [in] to fold the smoothing into; "
-            "SmoothQuant folds only into a LayerNorm/RMSNorm that feeds the linears"
+            f"SmoothQuant folds its factors into the norm that produces the linears' input; got a "
+            f"{type(norm).__name__}, which is not a LayerNorm/RMSNorm that quantcourse.surgery can fold into"
         )
     if not linears or any(not isinstance(fc, nn.Linear) for fc in linears):
         raise ValueError("fold_smoothing needs a non-empty list of nn.Linear layers fed by the norm")
-    _check_channel_vector(s, "s", weight.numel())
+    _check_channel_vector(s, "s", norm.weight.numel())
     for fc in linears:
-        if fc.in_features != weight.numel():
-            raise ValueError(f"a linear has {fc.in_features} input features but the norm has {weight.numel()}")
+        if fc.in_features != norm.weight.numel():
+            raise ValueError(f"a linear has {fc.in_features} input features but the norm has {norm.weight.numel()}")
     if (s <= 0).any():
         raise ValueError("smoothing factors must be positive (smoothing_factors clamps them to >= 1e-5)")
-    norm.weight.div_(s.to(weight.device, weight.dtype))
-    if getattr(norm, "bias", None) is not None:
-        norm.bias.div_(s.to(norm.bias.device, norm.bias.dtype))
-    for fc in linears:
-        fc.weight.mul_(s.to(fc.weight.device, fc.weight.dtype).view(1, -1))
+    surgery.fold_scales(surgery.ScaleGroup("", norm, tuple(linears), norm), s)
 
 
 def smooth_norm_linears(
@@ -327,19 +328,15 @@ class SmoothReport:
     unsmoothed: list[str] = field(default_factory=list)
 
 
-def _norm_fed_groups(model: nn.Module) -> list[tuple[str, surgery.ScaleGroup]]:
+def _norm_fed_groups(model: nn.Module) -> list[tuple[str, surgery.ScaleGroup, list[str]]]:
+    """``(norm name, group, qualified names of its linears)`` for every group whose input a norm produces."""
     names = {id(m): n for n, m in model.named_modules()}
-    groups = []
-    for block in surgery.decoder_blocks(model):
-        for group in surgery.scale_groups(block):
-            if surgery.is_norm(group.prev):
-                groups.append((names[id(group.prev)], group))
-    return groups
-
-
-def _group_linear_names(model: nn.Module, group: surgery.ScaleGroup) -> list[str]:
-    names = {id(m): n for n, m in model.named_modules()}
-    return [names[id(fc)] for fc in group.linears]
+    return [
+        (names[id(group.prev)], group, [names[id(fc)] for fc in group.linears])
+        for block in surgery.decoder_blocks(model)
+        for group in surgery.scale_groups(block)
+        if surgery.is_norm(group.prev)
+    ]
 
 
 def _check_act_scales(act_scales: Mapping[str, torch.Tensor], needed: Sequence[str]) -> None:
@@ -370,11 +367,10 @@ def smooth_model(model: nn.Module, act_scales: Mapping[str, torch.Tensor], alpha
     alpha = check_alpha(alpha)
     model = surgery.as_plain_linears(model)
     groups = _norm_fed_groups(model)
-    group_names = [_group_linear_names(model, g) for _, g in groups]
-    _check_act_scales(act_scales, [names[0] for names in group_names])
+    _check_act_scales(act_scales, [names[0] for _, _, names in groups])
     report = SmoothReport(alpha)
     smoothed: set[str] = set()
-    for (norm_name, group), names in zip(groups, group_names, strict=True):
+    for norm_name, group, names in groups:
         s = smooth_norm_linears(group.prev, group.linears, act_scales[names[0]], alpha)
         report.factors[norm_name] = s
         report.linears[norm_name] = names
