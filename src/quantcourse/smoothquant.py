@@ -39,7 +39,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -412,8 +412,9 @@ def quantize_w8a8(
     smoothing: SmoothReport | None = None,
     integer: bool = False,
     include_head: bool = False,
+    names: Callable[[str], bool] = lambda name: True,
 ) -> nn.Module:
-    """Swap every linear of ``model`` for a W8A8 one, in place; returns ``model``.
+    """Swap every linear of ``model`` (or those whose qualified name passes ``names``) for a W8A8 one, in place.
 
     Weights: symmetric absmax int8 per output channel or per tensor. Activations: symmetric absmax
     int8 per token (dynamic), per tensor (dynamic), or per tensor with the range fixed from
@@ -424,12 +425,14 @@ def quantize_w8a8(
         integer: build :class:`Int8Linear` layers (int8 weights, int32 GEMM) instead of the fake-quantized
             :class:`quantcourse.activations.QuantizedLinear`; the outputs agree up to float rounding.
 
-    Undo the fake-quantized version with :func:`quantcourse.activations.restore_float_linears`.
+        names: which linears to quantize (the others stay float), e.g. to find which layers hurt.
+
+    Undo the fake-quantized version with :func:`quantcourse.activations.restore_float_linears`; returns ``model``.
     """
     _check_mode("weights", weights, WEIGHT_MODES)
     _check_mode("activations", activations, ACT_MODES)
     model = surgery.as_plain_linears(model)
-    names = list(surgery.find_linears(model, include_head=include_head))
+    selected = [n for n in surgery.find_linears(model, include_head=include_head) if names(n)]
     divisors: dict[str, torch.Tensor] = {}
     if activations == "static":
         if act_scales is None:
@@ -437,7 +440,7 @@ def quantize_w8a8(
                 "static activation quantization needs act_scales (collect_act_scales(model, calibration) on the "
                 "float model), or choose activations='per_token' / 'per_tensor' (dynamic)"
             )
-        _check_act_scales(act_scales, names)
+        _check_act_scales(act_scales, selected)
         if smoothing is not None:
             for group, linear_names in smoothing.linears.items():
                 divisors.update({n: smoothing.factors[group] for n in linear_names})
@@ -451,7 +454,7 @@ def quantize_w8a8(
         w_granularity = PerChannel(0) if weights == "per_channel" else PerTensor()
         return QuantizedLinear(linear, w_bits=8, w_granularity=w_granularity, act=_act_quantizer(activations, qparams))
 
-    return surgery.replace_linears(model, make, include_head=include_head)
+    return surgery.replace_linears(model, make, include_head=include_head, names=names)
 
 
 # ----------------------------------------------------------------------------------------------
