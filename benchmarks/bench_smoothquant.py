@@ -23,13 +23,11 @@ Writes ``benchmarks/results/smoothquant.md``.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
+from harness import check_equal, environment_lines, measure, write_results
 from torch import nn
 from torch.nn import functional as F
 
@@ -50,15 +48,9 @@ SHAPES = [
 ]
 
 
-def timed(fn, repeats: int) -> float:
-    """Median wall time of ``repeats`` calls after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def ms(fn, repeats: int) -> float:
+    """Median wall milliseconds of ``repeats`` calls after a warm-up (the shared harness)."""
+    return 1e3 * measure(fn, repeats=repeats).wall
 
 
 def gemm_row(label: str, M: int, K: int, N: int, repeats: int, int_mm: bool) -> str:
@@ -73,22 +65,23 @@ def gemm_row(label: str, M: int, K: int, N: int, repeats: int, int_mm: bool) -> 
     x_q, _ = smoothquant.quantize_per_token_int8(x)
     # checks first: identical integers, and the integer layer equals the fake-quantized one
     exact = int8_matmul(x_q, layer.weight_q, backend="exact")
-    assert torch.equal(exact, (x_q.long() @ layer.weight_q.long().T).to(torch.int32))
+    check_equal(exact, (x_q.long() @ layer.weight_q.long().T).to(torch.int32), what=f"{label}: exact fallback")
     if int_mm:
-        assert torch.equal(int8_matmul(x_q, layer.weight_q, backend="int_mm"), exact)
+        check_equal(int8_matmul(x_q, layer.weight_q, backend="int_mm"), exact, what=f"{label}: torch._int_mm")
     fake = QuantizedLinear(linear, w_bits=8, act=smoothquant._act_quantizer("per_token", None))
-    torch.testing.assert_close(layer(x), fake(x), rtol=1e-5, atol=1e-5)
+    # float rounding only: the scales are applied in another order than in the fake-quantized product
+    check_equal(layer(x), fake(x), what=f"{label}: Int8Linear against fake quantization", rtol=1e-5, atol=1e-5)
 
-    t_float = timed(lambda: F.linear(x, w), repeats)
-    t_int = timed(lambda: int8_matmul(x_q, layer.weight_q, backend="int_mm"), repeats) if int_mm else float("nan")
-    t_exact = timed(lambda: int8_matmul(x_q, layer.weight_q, backend="exact"), repeats)
-    t_layer = timed(lambda: layer(x), repeats)
-    t_fake = timed(lambda: fake(x), repeats)
+    t_float = ms(lambda: F.linear(x, w), repeats)
+    t_int = ms(lambda: int8_matmul(x_q, layer.weight_q, backend="int_mm"), repeats) if int_mm else float("nan")
+    t_exact = ms(lambda: int8_matmul(x_q, layer.weight_q, backend="exact"), repeats)
+    t_layer = ms(lambda: layer(x), repeats)
+    t_fake = ms(lambda: fake(x), repeats)
     gflop = 2 * M * K * N / 1e9
     return (
-        f"| {label} | {M} x {K} x {N} | {t_float * 1e3:.2f} ({gflop / t_float:.0f}) | "
-        f"{t_int * 1e3:.2f} ({gflop / t_int:.0f}) | {t_float / t_int:.2f}x | {t_exact * 1e3:.2f} | "
-        f"{t_layer * 1e3:.2f} | {t_fake * 1e3:.2f} |"
+        f"| {label} | {M} x {K} x {N} | {t_float:.2f} ({1e3 * gflop / t_float:.0f}) | "
+        f"{t_int:.2f} ({1e3 * gflop / t_int:.0f}) | {t_float / t_int:.2f}x | {t_exact:.2f} | "
+        f"{t_layer:.2f} | {t_fake:.2f} |"
     )
 
 
@@ -135,7 +128,9 @@ def stats_rows(n_samples: int, seq_len: int, batch_size: int) -> tuple[list[str]
     start = time.perf_counter()
     ref = reference_act_scales(model, calibration, batch_size)
     t_ref = time.perf_counter() - start
-    assert set(ours) == set(ref) and all(torch.equal(ours[n], ref[n]) for n in ref), "statistics differ"
+    check_equal(sorted(ours), sorted(ref), what="watched linears")
+    for name in ref:
+        check_equal(ours[name], ref[name], what=f"max |x| of {name}")
     return [
         f"| forward passes alone (no hooks) | {t_forward:.1f} |",
         f"| `collect_act_scales` (shared inputs reduced once, no \\|x\\| copy) | {t_ours:.1f} |",
@@ -151,52 +146,44 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
-    load_start = os.getloadavg()[0]
+    environment = environment_lines()
+    int_mm = "runs" if smoothquant._int_mm_works("cpu") else "not available (the exact fallback is used)"
     gemm = gemm_rows(args.repeats)
     stats, t_ours = stats_rows(args.n_samples, args.seq_len, args.batch_size)
-    load_end = os.getloadavg()[0]
-    flags = ""
-    if Path("/proc/cpuinfo").exists():
-        cpu = Path("/proc/cpuinfo").read_text()
-        names = [line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("model name")]
-        has = [f for f in ("avx512_vnni", "avx_vnni", "amx_int8", "avx512f", "avx2") if f" {f}" in cpu]
-        flags = f"{names[0] if names else platform.machine()} ({', '.join(has) or 'no AVX2'})"
-    report = "\n".join(
+    path = write_results(
+        args.output,
+        "# SmoothQuant: int8 GEMM and statistics on this CPU",
         [
-            "# SmoothQuant: int8 GEMM and statistics on this CPU",
-            "",
-            f"Generated by `python benchmarks/bench_smoothquant.py --n-samples {args.n_samples} --seq-len "
-            f"{args.seq_len} --repeats {args.repeats}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
-            "",
-            f"- Machine: {flags or platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
-            f"{torch.__version__}, {torch.get_num_threads()} intra-op threads; `torch._int_mm` on the CPU: "
-            f"{'runs' if smoothquant._int_mm_works('cpu') else 'not available (exact fallback used)'}. Load average "
-            f"{load_start:.1f} at the start and {load_end:.1f} at the end (above the core count, other processes "
-            "shared the CPU and every time is inflated).",
-            "- Checked before timing, per shape: `torch._int_mm` and the exact fallback give identical int32 "
-            "results (equal to an int64 matmul), and `Int8Linear` equals the fake-quantized W8A8 layer within 1e-5.",
-            "",
-            "## GEMM: milliseconds (GFLOP/s), median of the runs",
-            "",
-            "| layer | M x K x N | float32 `F.linear` | int8 `torch._int_mm` | int8 speed-up | exact fallback | "
-            "`Int8Linear` (quantize + GEMM + scales) | fake-quantized layer |",
-            "|---|---|---|---|---|---|---|---|",
-            *gemm,
-            "",
-            f"## Activation statistics on the whole course model ({args.n_samples} x {args.seq_len} tokens, "
-            f"batches of {args.batch_size})",
-            "",
-            "| pass | seconds |",
-            "|---|---|",
-            *stats,
-            "",
-            f"Goal: well under 3 minutes on 2 cores; measured {t_ours:.0f} s. Both give identical maxima.",
-            "",
-        ]
+            *environment,
+            f"- command: `python benchmarks/bench_smoothquant.py --n-samples {args.n_samples} --seq-len "
+            f"{args.seq_len} --repeats {args.repeats}`; `torch._int_mm` on the CPU: {int_mm}",
+        ],
+        "Checked before timing, per shape: `torch._int_mm` and the exact fallback give identical int32 results "
+        "(equal to an int64 matmul), and `Int8Linear` equals the fake-quantized W8A8 layer within 1e-5.",
+        "\n".join(
+            [
+                "## GEMM: median wall milliseconds (GFLOP/s)",
+                "",
+                "| layer | M x K x N | float32 `F.linear` | int8 `torch._int_mm` | int8 speed-up | exact fallback | "
+                "`Int8Linear` (quantize + GEMM + scales) | fake-quantized layer |",
+                "|---|---|---|---|---|---|---|---|",
+                *gemm,
+            ]
+        ),
+        "\n".join(
+            [
+                f"## Activation statistics on the whole course model ({args.n_samples} x {args.seq_len} tokens, "
+                f"batches of {args.batch_size})",
+                "",
+                "| pass | seconds |",
+                "|---|---|",
+                *stats,
+                "",
+                f"Goal: well under 3 minutes on 2 cores; measured {t_ours:.0f} s. Both give identical maxima.",
+            ]
+        ),
     )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(report)
-    print(report)
+    print(path.read_text())
 
 
 if __name__ == "__main__":
