@@ -39,6 +39,7 @@ SUBMODULES = (
     "pipeline",
     "weights",
     "gptq",
+    "smoothquant",
     "packing",
     "serialization",
     "gguf",
