@@ -40,6 +40,7 @@ SUBMODULES = (
     "weights",
     "gptq",
     "awq",
+    "smoothquant",
     "packing",
     "serialization",
     "gguf",

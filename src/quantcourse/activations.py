@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from . import surgery
 from .calibration import Observer, make_observer
-from .granularity import PerChannel, PerGroup, PerToken
+from .granularity import Granularity, PerChannel, PerGroup, PerTensor, PerToken
 from .primitives import QParams, check_n_bits, choose_qparams, fake_quantize, fake_quantize_ste
 from .progress import progress_bar
 
@@ -64,10 +64,21 @@ class ActivationQuantizer(nn.Module):
     straight-through estimator (chapter 5), so the same module serves PTQ and QAT experiments.
     """
 
-    def __init__(self, n_bits: int, *, qparams: QParams | None = None, symmetric: bool = True) -> None:
+    def __init__(
+        self,
+        n_bits: int,
+        *,
+        qparams: QParams | None = None,
+        symmetric: bool = True,
+        granularity: PerToken | PerTensor = PerToken(),
+    ) -> None:
         super().__init__()
         check_n_bits(n_bits)
-        self.n_bits, self.qparams, self.symmetric = n_bits, qparams, symmetric
+        if not isinstance(granularity, (PerToken, PerTensor)):
+            raise ValueError(
+                f"dynamic activation ranges are per token (PerToken()) or per tensor (PerTensor()), got {granularity!r}"
+            )
+        self.n_bits, self.qparams, self.symmetric, self.granularity = n_bits, qparams, symmetric, granularity
 
     @classmethod
     def static(cls, qparams: QParams) -> ActivationQuantizer:
@@ -79,9 +90,11 @@ class ActivationQuantizer(nn.Module):
         return cls(qparams.n_bits, qparams=qparams, symmetric=qparams.symmetric)
 
     @classmethod
-    def dynamic(cls, n_bits: int, *, symmetric: bool = True) -> ActivationQuantizer:
-        """Compute each token's range when it arrives (``PerToken()``)."""
-        return cls(n_bits, symmetric=symmetric)
+    def dynamic(
+        cls, n_bits: int, *, symmetric: bool = True, granularity: PerToken | PerTensor = PerToken()
+    ) -> ActivationQuantizer:
+        """Compute the range when the input arrives: per token (``PerToken()``) or per tensor (``PerTensor()``)."""
+        return cls(n_bits, symmetric=symmetric, granularity=granularity)
 
     @property
     def is_static(self) -> bool:
@@ -96,10 +109,15 @@ class ActivationQuantizer(nn.Module):
                     qp.scale.reshape(shape), qp.zero_point.reshape(shape), qp.n_bits, qp.symmetric, qp.granularity
                 )
             return fake_quantize_ste(x, qp)
-        return fake_quantize_per_token(x, self.n_bits, symmetric=self.symmetric)
+        if isinstance(self.granularity, PerToken):
+            return fake_quantize_per_token(x, self.n_bits, symmetric=self.symmetric)
+        return fake_quantize_ste(
+            x, choose_qparams(x.detach(), self.n_bits, symmetric=self.symmetric, granularity=self.granularity)
+        )
 
     def extra_repr(self) -> str:
-        return f"n_bits={self.n_bits}, {'static' if self.is_static else 'dynamic per token'}"
+        kind = "per token" if isinstance(self.granularity, PerToken) else "per tensor"
+        return f"n_bits={self.n_bits}, {'static' if self.is_static else 'dynamic ' + kind}"
 
 
 class QuantizedLinear(nn.Module):
@@ -111,6 +129,7 @@ class QuantizedLinear(nn.Module):
         linear: the float layer.
         w_bits: weight bits; weights are symmetric, per output channel or per group of ``w_group_size``
             input columns.
+        w_granularity: overrides that choice, e.g. ``PerTensor()`` (SmoothQuant's O1-O3 levels).
         act: how inputs are quantized (``None``: not at all).
     """
 
@@ -121,10 +140,15 @@ class QuantizedLinear(nn.Module):
         w_bits: int = 8,
         w_group_size: int | None = None,
         act: ActivationQuantizer | None = None,
+        w_granularity: Granularity | None = None,
     ) -> None:
         super().__init__()
         self.linear, self.act = linear, act
         granularity = PerChannel(0) if w_group_size is None else PerGroup(w_group_size)
+        if w_granularity is not None:
+            if w_group_size is not None:
+                raise ValueError("give w_group_size or w_granularity, not both")
+            granularity = w_granularity
         self.register_buffer("weight", fake_quantize(linear.weight.detach(), w_bits, granularity=granularity))
         self.w_bits, self.w_group_size = w_bits, w_group_size
 
