@@ -38,6 +38,7 @@ SUBMODULES = (
     "qat",
     "pipeline",
     "gptq",
+    "llm_int8",
     "packing",
     "serialization",
     "gguf",
