@@ -141,6 +141,15 @@ def test_int8_matmul_is_exact_and_equals_bitsandbytes(k):
         assert torch.equal(got, bnb_F.int8_linear_matmul(a, b))
 
 
+def test_int8_matmul_float_path_is_exact(monkeypatch):
+    monkeypatch.setattr(llm_int8, "_int_mm_fits", lambda a, b: False)
+    for k in (1, 1024, 1025, 3000):
+        a, b = random_codes(9, k, seed=k), random_codes(5, k, seed=k + 7)
+        assert torch.equal(int8_matmul(a, b), (a.long() @ b.long().T).to(torch.int32))
+    a = torch.full((3, 3000), -128, dtype=torch.int8)
+    assert int8_matmul(a, a).unique().tolist() == [3000 * 128 * 128]
+
+
 def test_int8_matmul_worst_case_sums_are_exact():
     # All -128 * -128: the largest sums an int8 product can reach, over more columns than one float32 slice.
     a = torch.full((3, 3000), -128, dtype=torch.int8)

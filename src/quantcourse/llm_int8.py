@@ -53,8 +53,8 @@ THRESHOLD = 6.0
 # rounded the way bitsandbytes writes them, so that the results agree to the last bit).
 _DEQUANT = 7.874015718698502e-3
 _DEQUANT_PRODUCT = 6.200124e-05
-# float32 adds integers exactly up to 2^24 = 1024 * 128 * 128: an int8 dot product over at most 1024 terms
-# never leaves that range, so float32 matrix products of 1024-column slices are exact int32 results.
+# float32 holds every integer up to 2^24 = 1024 * 128 * 128: an int8 dot product over at most 1024 terms never
+# leaves that range, so float32 matrix products of 1024-column slices are exact int32 results.
 _EXACT_K = 1024
 
 
@@ -131,9 +131,10 @@ def vectorwise_quantize(x: torch.Tensor, threshold: float = 0.0) -> Int8Rows:
         outlier_cols = torch.nonzero(outliers.any(dim=0)).flatten()
         x = x.masked_fill(outliers, 0)  # outliers do not stretch their row's scale
     absmax = x.abs().amax(dim=1).float()  # [rows]
-    # The reciprocal first, then the product, in float32: bitsandbytes' rounding order. 127/0 = inf gives
-    # NaN for a zero row, which becomes 0 here (and, by accident of the cast, in bitsandbytes on x86).
-    codes = torch.round(x * (127.0 / absmax.unsqueeze(-1))).nan_to_num_(0.0).to(torch.int8)
+    # The reciprocal first, then the product, in float32: bitsandbytes' rounding order. A zero row gets
+    # factor 0 (bitsandbytes computes 0 * inf = NaN there, which its cast to int8 happens to turn into 0).
+    inv = torch.where(absmax > 0, 127.0 / absmax, 0.0)  # [rows]
+    codes = torch.round(x * inv.unsqueeze(-1)).to(torch.int8)
     if outlier_cols is not None:
         codes[:, outlier_cols] = 0
     return Int8Rows(codes, absmax, outlier_cols)
@@ -154,19 +155,31 @@ def vectorwise_dequantize(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Te
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The exact int32 product ``a @ bᵀ`` of int8 ``a`` ``[m, k]`` and int8 ``b`` ``[n, k]``: int32 ``[m, n]``.
 
-    Equal to ``bitsandbytes.functional.int8_linear_matmul``. Integer tensor cores compute this directly;
-    here it is float32 products of 1024-column slices, each exact (its sums stay below 2^24), added in int32.
+    Equal to ``bitsandbytes.functional.int8_linear_matmul``. Integer matrix units compute this directly
+    (int8 tensor cores, AVX-512 VNNI), which torch exposes as ``torch._int_mm``; elsewhere it is float32
+    products of 1024-column slices, each exact (its sums stay below 2^24), added in int32.
     """
     for t, what in ((a, "a"), (b, "b")):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int8 or t.dim() != 2:
             raise TypeError(f"{what} must be a 2-D int8 tensor, got {_describe(t)}")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"inner dimensions differ: a is {tuple(a.shape)}, b is {tuple(b.shape)} (a @ b.T)")
+    if _int_mm_fits(a, b):
+        return torch._int_mm(a, b.T)
     out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.int32, device=a.device)
     for start in range(0, a.shape[1], _EXACT_K):
         part = slice(start, start + _EXACT_K)
         out += (a[:, part].float() @ b[:, part].float().T).to(torch.int32)
     return out
+
+
+def _int_mm_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``torch._int_mm`` is fast and right here: on CUDA within its shape rules; on a CPU only with
+    AVX-512 (elsewhere it is a slow scalar loop), and never for k == 1, where it returns wrong sums."""
+    (m, k), n = a.shape, b.shape[0]
+    if a.device.type == "cuda":
+        return m > 16 and k >= 16 and k % 8 == 0 and n >= 16 and n % 8 == 0
+    return a.device.type == "cpu" and k > 1 and torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 def dequantize_matmul(
