@@ -354,3 +354,16 @@ def test_course_model_int8_perplexity_is_close_to_float(course_model):
     quantize_model_int8(model)
     got = perplexity(model, tokens, seq_len=128, n_windows=2)
     assert abs(got - ref) / ref < 0.05
+
+
+def test_hidden_tests_can_forbid_bitsandbytes_ops():
+    from quantcourse.grading.hidden import ShortcutUsed, forbid
+
+    x = torch.randn(4, 8).half()
+    with forbid("torch.ops.bitsandbytes.int8_vectorwise_quant", "bitsandbytes.functional.int8_vectorwise_quant"):
+        with pytest.raises(ShortcutUsed, match="write it yourself"):
+            torch.ops.bitsandbytes.int8_vectorwise_quant(x, 0.0)
+        with pytest.raises(AssertionError, match="write it yourself"):
+            bnb_F.int8_vectorwise_quant(x)
+    assert torch.equal(bnb_F.int8_vectorwise_quant(x)[0], vectorwise_quantize(x).codes)
+    assert torch.equal(torch.ops.bitsandbytes.int8_vectorwise_quant(x, 0.0)[0], vectorwise_quantize(x).codes)

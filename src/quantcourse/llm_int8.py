@@ -49,8 +49,9 @@ __all__ = [
 THRESHOLD = 6.0
 """The paper's outlier threshold (also ``BitsAndBytesConfig.llm_int8_threshold``'s default)."""
 
-# bitsandbytes' constants: 1/127 for one dequantization, 1/127² for the product of two (as float literals
-# rounded the way bitsandbytes writes them, so that the results agree to the last bit).
+# bitsandbytes' literals, kept so that the results agree to the last bit: 1/127 for one dequantization, and
+# "1/127²" for a product of two, which bitsandbytes writes 6.200124e-05 while 1/127² = 6.2000124e-05 (a digit
+# slipped: its products come out 1.8e-5 relatively too large, far below int8's own rounding).
 _DEQUANT = 7.874015718698502e-3
 _DEQUANT_PRODUCT = 6.200124e-05
 # float32 holds every integer up to 2^24 = 1024 * 128 * 128: an int8 dot product over at most 1024 terms never
@@ -190,6 +191,8 @@ def dequantize_matmul(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``acc * row_absmax ⊗ col_absmax / 127² + bias``: the float result of an int8 product.
+
+    With bitsandbytes' constant for ``1/127²`` (``6.200124e-05``, 1.8e-5 relatively above the exact value).
 
     Args:
         acc: int32 ``[m, n]`` from :func:`int8_matmul`.
