@@ -37,6 +37,7 @@ SUBMODULES = (
     "activations",
     "qat",
     "pipeline",
+    "weights",
     "gptq",
     "llm_int8",
     "packing",
