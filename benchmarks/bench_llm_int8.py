@@ -14,21 +14,18 @@ dimensions):
   checked identical first, beside the float32 matmul ``x @ W.T`` it replaces and the float32 matmul plus
   the outlier part alone.
 
-Each figure is the median of ``--repeats`` runs after a warm-up. Run from the repository root:
+Each figure is the median CPU time of ``--repeats`` runs after a warm-up, on one thread (steady on a shared
+machine; the wall time is recorded beside it). Run from the repository root:
 ``python benchmarks/bench_llm_int8.py`` (about a minute on 2 cores). Writes ``benchmarks/results/llm_int8.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from bench_primitives import cpu_name, median_seconds
+from harness import check_equal, environment_lines, measure, write_results
 from torch.nn import functional as F
 
 from quantcourse import llm_int8
@@ -43,7 +40,7 @@ SHAPES = (  # (label, tokens, in, out)
 
 
 def activations(tokens: int, d_in: int, seed: int) -> torch.Tensor:
-    """float32 activations rounded to fp16, with outlier columns in 70% of the tokens."""
+    """float32 activations rounded to fp16, with outlier columns (|x| of 10-60) in 70% of the tokens."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, d_in, generator=gen)
     cols = torch.randperm(d_in, generator=gen)[: max(1, d_in // 200)]
@@ -52,7 +49,8 @@ def activations(tokens: int, d_in: int, seed: int) -> torch.Tensor:
     return x.half().float()
 
 
-def bnb_linear(x, CB, SCB):
+def bnb_linear(x: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' MatMul8bitLt forward by its functional ops: quantize the fp16 input, then the mixed matmul."""
     import bitsandbytes.functional as bF
 
     CA, SCA, cols = bF.int8_vectorwise_quant(x.half(), threshold=6.0)
@@ -68,44 +66,50 @@ def bench_shape(label: str, tokens: int, d_in: int, d_out: int, repeats: int) ->
     wq = llm_int8.vectorwise_quantize(W.half())
     rows = []
 
-    for threshold in (0.0, 6.0):
-        ours, theirs = llm_int8.vectorwise_quantize(xh, threshold), bF.int8_vectorwise_quant(xh.clone(), threshold)
-        assert torch.equal(ours.codes, theirs[0]) and torch.equal(ours.absmax, theirs[1])
-        assert threshold == 0 or torch.equal(ours.outlier_cols, theirs[2])
+    def row(operation, ours, theirs, float_fn=None):
         rows.append(
             {
                 "shape": label,
-                "operation": f"vector-wise quantize, threshold {threshold:g}",
-                "quantcourse": median_seconds(lambda t=threshold: llm_int8.vectorwise_quantize(xh, t), repeats),
-                "bitsandbytes": median_seconds(lambda t=threshold: bF.int8_vectorwise_quant(xh, t), repeats),
-                "float matmul": None,
+                "operation": operation,
+                "ours": measure(ours, repeats=repeats),
+                "theirs": measure(theirs, repeats=repeats),
+                "float": None if float_fn is None else measure(float_fn, repeats=repeats),
             }
         )
 
+    for t in (0.0, 6.0):
+        ours, theirs = llm_int8.vectorwise_quantize(xh, t), bF.int8_vectorwise_quant(xh.clone(), t)
+        check_equal(ours.codes, theirs[0], what=f"{label}: codes, threshold {t:g}")
+        check_equal(ours.absmax, theirs[1], what=f"{label}: row absmax, threshold {t:g}")
+        if t:
+            check_equal(ours.outlier_cols, theirs[2], what=f"{label}: outlier columns")
+        row(
+            f"vector-wise quantize, threshold {t:g}",
+            lambda t=t: llm_int8.vectorwise_quantize(xh, t),
+            lambda t=t: bF.int8_vectorwise_quant(xh, t),
+        )
+
     xq = llm_int8.vectorwise_quantize(xh, 6.0)
-    assert torch.equal(llm_int8.int8_matmul(xq.codes, wq.codes), bF.int8_linear_matmul(xq.codes, wq.codes))
-    rows.append(
-        {
-            "shape": label,
-            "operation": "int8 product (int32 result)",
-            "quantcourse": median_seconds(lambda: llm_int8.int8_matmul(xq.codes, wq.codes), repeats),
-            "bitsandbytes": median_seconds(lambda: bF.int8_linear_matmul(xq.codes, wq.codes), repeats),
-            "float matmul": median_seconds(lambda: x @ W.T, repeats),
-        }
+    check_equal(
+        llm_int8.int8_matmul(xq.codes, wq.codes), bF.int8_linear_matmul(xq.codes, wq.codes), what=f"{label}: int32"
+    )
+    row(
+        "int8 product (int32 result)",
+        lambda: llm_int8.int8_matmul(xq.codes, wq.codes),
+        lambda: bF.int8_linear_matmul(xq.codes, wq.codes),
+        lambda: x @ W.T,
     )
 
-    assert torch.equal(llm_int8.int8_linear(x, wq, None, 6.0), bnb_linear(x, wq.codes, wq.absmax))
+    check_equal(llm_int8.int8_linear(x, wq, None, 6.0), bnb_linear(x, wq.codes, wq.absmax), what=f"{label}: output")
     cols = xq.outlier_cols
     W_cols = llm_int8.vectorwise_dequantize(wq.codes[:, cols], wq.absmax)
-    rows.append(
-        {
-            "shape": label,
-            "operation": f"decomposed linear, threshold 6 ({len(cols)} outlier columns)",
-            "quantcourse": median_seconds(lambda: llm_int8.int8_linear(x, wq, None, 6.0), repeats),
-            "bitsandbytes": median_seconds(lambda: bnb_linear(x, wq.codes, wq.absmax), repeats),
-            "float matmul": median_seconds(lambda: F.linear(x, W), repeats),
-            "outlier part alone": median_seconds(lambda: x[:, cols] @ W_cols.T, repeats),
-        }
+    outlier_part = measure(lambda: x[:, cols] @ W_cols.T, repeats=repeats)
+    row(
+        f"decomposed linear, threshold 6 ({len(cols)} outlier columns; their float product alone "
+        f"{outlier_part.cpu * 1e3:.2f} ms)",
+        lambda: llm_int8.int8_linear(x, wq, None, 6.0),
+        lambda: bnb_linear(x, wq.codes, wq.absmax),
+        lambda: F.linear(x, W),
     )
     return rows
 
@@ -113,50 +117,38 @@ def bench_shape(label: str, tokens: int, d_in: int, d_out: int, repeats: int) ->
 def format_table(rows: list[dict]) -> str:
     lines = [
         "| shape | operation | quantcourse ms | bitsandbytes ms | float32 matmul ms | quantcourse / bitsandbytes |"
-        " quantcourse / float |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        " quantcourse / float32 | quantcourse wall ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        fl, ours = r["float matmul"], r["quantcourse"]
-        op = r["operation"]
-        if "outlier part alone" in r:
-            op += f"; the outlier part alone: {r['outlier part alone'] * 1e3:.2f} ms"
+        ours, theirs, fl = r["ours"], r["theirs"], r["float"]
+        float_ms = "" if fl is None else f"{fl.cpu * 1e3:.2f}"
+        float_ratio = "" if fl is None else f"{ours.cpu / fl.cpu:.2f}x"
         lines.append(
-            f"| {r['shape']} | {op} | {r['quantcourse'] * 1e3:.2f} | {r['bitsandbytes'] * 1e3:.2f} | "
-            f"{'' if fl is None else f'{fl * 1e3:.2f}'} | {r['quantcourse'] / r['bitsandbytes']:.2f}x | "
-            f"{'' if fl is None else f'{ours / fl:.2f}x'} |"
+            f"| {r['shape']} | {r['operation']} | {ours.cpu * 1e3:.2f} | {theirs.cpu * 1e3:.2f} | {float_ms} | "
+            f"{ours.cpu / theirs.cpu:.2f}x | {float_ratio} | {ours.wall * 1e3:.2f} |"
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default=str(RESULTS), help="results file ('-': print only)")
     args = parser.parse_args(argv)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    parts = [
-        "# LLM.int8() on a CPU: quantcourse, bitsandbytes and the float matmul",
-        "",
-        "Produced by `python benchmarks/bench_llm_int8.py`; median of "
-        f"{args.repeats} runs after a warm-up; 512 tokens per product. Codes, scales, outlier columns, int32 "
-        "products and the decomposed outputs were checked identical to bitsandbytes' before timing.",
-        "",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- CPU: {cpu_name()}, {os.cpu_count()} logical cores, torch CPU capability "
-        f"{torch.backends.cpu.get_cpu_capability()}",
-        f"- Python {platform.python_version()}, torch {torch.__version__}, bitsandbytes {version('bitsandbytes')}",
-        f"- load average when the run started: {load:.1f} (other processes slow every column alike)",
-    ]
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        rows = [r for shape in SHAPES for r in bench_shape(*shape, args.repeats)]
-        parts += ["", f"## {threads} thread{'s' if threads > 1 else ''}", "", format_table(rows)]
-    text = "\n".join(parts) + "\n"
-    print(text)
+    torch.set_num_threads(1)
+    rows = [r for shape in SHAPES for r in bench_shape(*shape, args.repeats)]
+    title = "# LLM.int8() on a CPU: quantcourse, bitsandbytes and the float32 matmul"
+    note = (
+        f"Produced by `python benchmarks/bench_llm_int8.py`: median CPU time of {args.repeats} runs after a "
+        "warm-up, one thread, 512 tokens per product. Codes, scales, outlier columns, int32 products and the "
+        "decomposed outputs were checked identical to bitsandbytes' before timing. bitsandbytes' int8 product on "
+        "an AVX-512 CPU is `torch._int_mm`, which `quantcourse.llm_int8.int8_matmul` also uses there."
+    )
+    table = format_table(rows)
+    print(title, note, table, sep="\n\n")
     if args.out != "-":
-        Path(args.out).write_text(text)
+        write_results(args.out, title, environment_lines(["bitsandbytes"]), note, table)
 
 
 if __name__ == "__main__":

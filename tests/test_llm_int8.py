@@ -312,6 +312,14 @@ def test_errors_say_what_is_wrong():
         vectorwise_quantize(torch.ones(2, 3, dtype=torch.int32))
     with pytest.raises(ValueError, match="NaN"):
         vectorwise_quantize(torch.tensor([[1.0, math.nan]]))
+    for threshold in (0.0, 6.0):
+        for bad in (math.nan, math.inf, -math.inf):
+            with pytest.raises(ValueError, match="NaN or infinite"):
+                vectorwise_quantize(torch.tensor([[1.0, 2.0], [bad, 0.5]]), threshold)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        outlier_columns(torch.tensor([[1.0, math.nan]]))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        int8_linear(torch.tensor([[1.0, math.inf]]), vectorwise_quantize(torch.randn(3, 2)))
     with pytest.raises(ValueError, match=">= 0"):
         vectorwise_quantize(torch.ones(2, 3), -1.0)
     with pytest.raises(TypeError, match="threshold must be a number"):

@@ -82,8 +82,10 @@ def _check_float_matrix(x: torch.Tensor, what: str) -> None:
         raise TypeError(f"{what} must be a float tensor (float32, float16 or bfloat16), got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"{what} must have a non-empty last dimension, got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{what} holds NaN or infinite values; absmax scales of such rows are undefined")
+
+
+def _not_finite(what: str) -> ValueError:
+    return ValueError(f"{what} holds NaN or infinite values; absmax scales of such rows are undefined")
 
 
 def _check_threshold(threshold: float) -> None:
@@ -102,6 +104,8 @@ def outlier_columns(x: torch.Tensor, threshold: float = THRESHOLD) -> torch.Tens
     """
     _check_float_matrix(x, "x")
     _check_threshold(threshold)
+    if not torch.isfinite(x).all():
+        raise _not_finite("x")
     if threshold == 0:
         return torch.empty(0, dtype=torch.int64, device=x.device)
     return torch.nonzero((x.abs() >= threshold).reshape(-1, x.shape[-1]).any(dim=0)).flatten()
@@ -130,8 +134,12 @@ def vectorwise_quantize(x: torch.Tensor, threshold: float = 0.0) -> Int8Rows:
     if threshold > 0:
         outliers = x.abs() >= threshold
         outlier_cols = torch.nonzero(outliers.any(dim=0)).flatten()
+        if torch.isinf(x[:, outlier_cols]).any():  # an infinity is an "outlier" too: check the few columns
+            raise _not_finite("x")
         x = x.masked_fill(outliers, 0)  # outliers do not stretch their row's scale
-    absmax = x.abs().amax(dim=1).float()  # [rows]
+    absmax = x.abs().amax(dim=1).float()  # [rows]; NaN or inf here if x holds one (checked on [rows] only)
+    if not torch.isfinite(absmax).all():
+        raise _not_finite("x")
     # The reciprocal first, then the product, in float32: bitsandbytes' rounding order. A zero row gets
     # factor 0 (bitsandbytes computes 0 * inf = NaN there, which its cast to int8 happens to turn into 0).
     inv = torch.where(absmax > 0, 127.0 / absmax, 0.0)  # [rows]
@@ -381,8 +389,9 @@ def outlier_stats(
 ) -> OutlierStats:
     """Run token batches ``[batch, seq]`` through ``model``; measure its outlier features (see :class:`OutlierStats`).
 
-    Forward pre-hooks on the linear layers (found by :func:`quantcourse.surgery.find_linears`) watch their
-    inputs; they are removed afterwards, even on error. The model is not changed.
+    :func:`quantcourse.surgery.record_inputs` watches the inputs of the linear layers (found by
+    :func:`quantcourse.surgery.find_linears`); its hooks are removed afterwards, even on error. The model is
+    not changed.
     """
     _check_threshold(threshold)
     if threshold == 0:
@@ -398,41 +407,40 @@ def outlier_stats(
     layers: list[list[str]] = []
     max_abs: list[torch.Tensor] = []
     counts: list[torch.Tensor] = []
-    step = {"last": None, "any": None}
+    step: dict = {"last": None, "any": None}
 
-    def hook(module, args, name):
-        x = args[0].detach().reshape(-1, hidden).float().abs()  # [tokens, hidden]
-        last = step["last"]
+    def on_input(name: str, module: nn.Module, X: torch.Tensor) -> None:
+        # X [tokens, hidden]: record_inputs hands linears fed the same tensor (q/k/v, gate/up) the same object.
+        shared = X is step["last"]
+        step["last"] = X
         if name not in layer_of:
-            if last is not None and last[0] is args[0]:  # same tensor as the linear just before: same state
-                layer_of[name] = layer_of[last[1]]
-                layers[layer_of[name]].append(name)
+            if shared:
+                layer_of[name] = len(layers) - 1
+                layers[-1].append(name)
             else:
                 layer_of[name] = len(layers)
                 layers.append([name])
                 max_abs.append(torch.zeros(hidden))
                 counts.append(torch.zeros(hidden, dtype=torch.int64))
-        step["last"] = (args[0], name)
+        if shared:
+            return  # counted for the first linear of this hidden state
         i = layer_of[name]
-        if layers[i][0] != name:
-            return  # this hidden state was counted for its first linear
+        x = X.float().abs()
         big = x >= threshold  # [tokens, hidden]
         max_abs[i] = torch.maximum(max_abs[i], x.amax(dim=0).cpu())
         counts[i] += big.sum(dim=0).cpu()
         step["any"] = big if step["any"] is None else step["any"] | big
 
-    handles = [lin.register_forward_pre_hook(lambda m, a, n=name: hook(m, a, n)) for name, lin in watched.items()]
     n_tokens, any_counts = 0, torch.zeros(hidden, dtype=torch.int64)
+    device = next(model.parameters()).device
     try:
-        device = next(model.parameters()).device
-        for batch in progress_bar(list(batches), desc="outliers", disable=not progress, leave=False):
-            step["last"], step["any"] = None, None
-            model(batch.to(device), use_cache=False)
-            n_tokens += batch.numel()
-            any_counts += step["any"].sum(dim=0).cpu()
+        with surgery.record_inputs(watched, on_input):
+            for batch in progress_bar(list(batches), desc="outliers", disable=not progress, leave=False):
+                step["last"], step["any"] = None, None
+                model(batch.to(device), use_cache=False)
+                n_tokens += batch.numel()
+                any_counts += step["any"].sum(dim=0).cpu()
     finally:
-        for handle in handles:
-            handle.remove()
         step["last"] = step["any"] = None
     if n_tokens == 0:
         raise ValueError("no batches: pass token ids [batch, seq], e.g. data.calibration_samples(...).split(4)")
@@ -451,6 +459,7 @@ def plot_outliers(stats: OutlierStats, *, top: int = 24):
     ``top`` dimensions that reach it most often. Returns the matplotlib figure."""
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
+    from matplotlib.ticker import MaxNLocator
 
     per_layer = stats.columns_per_layer()
     order = torch.argsort(stats.layer_share() + stats.any_layer_share, descending=True)[:top]
@@ -459,6 +468,7 @@ def plot_outliers(stats: OutlierStats, *, top: int = 24):
     ax0.set_xlabel("hidden state (input of attention / attention output / FFN, in model order)")
     ax0.set_ylabel(f"dimensions with some |x| ≥ {stats.threshold:g}")
     ax0.set_title("Outlier columns per layer input")
+    ax0.yaxis.set_major_locator(MaxNLocator(integer=True))
     image = ax1.imshow(
         stats.max_abs[:, order].T.clamp_min(1e-3).numpy(),
         aspect="auto",
