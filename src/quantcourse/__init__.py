@@ -41,6 +41,7 @@ SUBMODULES = (
     "gptq",
     "awq",
     "smoothquant",
+    "llm_int8",
     "packing",
     "serialization",
     "gguf",
