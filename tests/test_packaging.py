@@ -10,6 +10,7 @@ from pathlib import Path
 import tomllib
 import yaml
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,3 +92,47 @@ def test_ci_runs_the_readme_test_command():
     test_command = _readme_commands()[1]
     lines = [shlex.split(line.split("#", 1)[0]) for line in text.splitlines()]
     assert shlex.split(test_command) in lines, f".ci/run does not run `{test_command}` on a line of its own"
+
+
+def _constraints() -> dict[str, Requirement]:
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    reqs = [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
+    return {r.name.lower().replace("_", "-"): r for r in reqs}
+
+
+def test_constraints_pin_every_dependency_within_pyproject():
+    """constraints.txt (what produced the golden values) pins each declared dependency to one version it allows."""
+    constraints = _constraints()
+    assert all(len(r.specifier) == 1 and next(iter(r.specifier)).operator == "==" for r in constraints.values())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    installed = [Requirement(s) for s in project["dependencies"] + extras["test"]]  # what make setup installs
+    for req in [r for r in installed if r.name == "quantcourse"]:
+        installed += [Requirement(s) for extra in req.extras for s in extras[extra]]
+    missing, outside = [], {}
+    for req in installed:
+        name, spec, marker = _key(req)
+        if name == "quantcourse" or (marker and not req.marker.evaluate()):
+            continue
+        if name not in constraints:
+            missing.append(name)
+            continue
+        pinned = next(iter(constraints[name].specifier)).version
+        if spec and pinned not in SpecifierSet(spec):
+            outside[name] = (pinned, spec)
+    assert missing == [], "constraints.txt lacks these dependencies: regenerate it (see its header)"
+    assert outside == {}, "constraints.txt pins versions pyproject.toml does not allow (pinned, allowed)"
+    assert next(iter(constraints["torch"].specifier)).version == "2.13.0"
+
+
+def test_setup_installs_with_the_constraints():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "CONSTRAINTS := -c constraints.txt" in makefile
+    assert re.search(r"install --quiet \$\(CONSTRAINTS\) --no-build-isolation -e \"\.\[test\]\"", makefile)
+    assert "constraints.txt | cksum" in makefile  # a changed constraints file re-runs the set-up
+
+
+def test_py_typed_is_shipped():
+    assert (ROOT / "src" / "quantcourse" / "py.typed").is_file()
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "py.typed" in package_data["quantcourse"]
