@@ -4,7 +4,7 @@ Chapter 11. Quantizes a seeded float32 matrix (default 4096 x 4096) with each fo
 millions of weights per second for: quantcourse.gguf (vectorized PyTorch), gguf-py (numpy; it only
 has the legacy quantizers) and llama.cpp's single-threaded C reference (``ggml_quantize_chunk`` from
 a built ``libggml-base.so``: set ``QUANTCOURSE_LIBGGML`` or install llama-cpp-python; skipped
-otherwise). It also checks that the three produce identical bytes. Writes ``results/gguf.md``.
+otherwise). The three must produce identical bytes before anything is timed. Writes ``results/gguf.md``.
 
     python benchmarks/bench_gguf.py [rows] [cols]
 
@@ -15,19 +15,20 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import platform
 import sys
-import time
 
-import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 from gguf import quants as gq
 
 import quantcourse.gguf as qg
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import check_same, machine_description, median_seconds  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 LEGACY = {"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"}
+REPEATS = 3
 
 
 def _cref():
@@ -38,16 +39,6 @@ def _cref():
     spec.loader.exec_module(mod)
     path = mod.find_libggml()
     return None if path is None else mod.CQuantizer(path)
-
-
-def _time(fn, repeat: int = 3) -> tuple[float, object]:
-    """Best wall time of ``repeat`` calls, and the last call's result."""
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def main(rows: int = 4096, cols: int = 4096) -> None:
@@ -62,34 +53,35 @@ def main(rows: int = 4096, cols: int = 4096) -> None:
         "|---|---|---|---|---|---|",
     ]
     for name in qg.FORMATS:
-        cells, same = [], []
+        # bytes first: a mismatch stops the run before anything is timed
+        ours = qg.quantize(x, name)
+        if name in LEGACY:
+            check_same(f"{name} vs gguf-py", ours, gq.quantize(x.numpy(), GGMLQuantizationType[name]))
+        if cq is not None:
+            check_same(f"{name} vs llama.cpp", ours, cq.quantize(x.numpy(), name))
+        cells = []
         for threads in (1, all_threads):  # the C reference runs on one thread: the first column is the fair one
             torch.set_num_threads(threads)
-            t_ours, ours = _time(lambda name=name: qg.quantize(x, name))
-            cells.append(f"{n / t_ours / 1e6:.2f}")
+            cells.append(f"{n / median_seconds(lambda name=name: qg.quantize(x, name), REPEATS) / 1e6:.2f}")
         if name in LEGACY:
-            t_py, theirs = _time(lambda name=name: gq.quantize(x.numpy(), GGMLQuantizationType[name]))
+            t_py = median_seconds(lambda name=name: gq.quantize(x.numpy(), GGMLQuantizationType[name]), REPEATS)
             cells.append(f"{n / t_py / 1e6:.2f}")
-            same.append(np.array_equal(ours, theirs))
         else:
             cells.append("(no quantizer)")
         if cq is not None:
-            t_c, ref = _time(lambda name=name: cq.quantize(x.numpy(), name))
-            cells.append(f"{n / t_c / 1e6:.2f}")
-            same.append(np.array_equal(ours, ref))
+            cells.append(f"{n / median_seconds(lambda name=name: cq.quantize(x.numpy(), name), REPEATS) / 1e6:.2f}")
         else:
             cells.append("(library not found)")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'yes' if all(same) else 'NO'} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + " | yes |")
         print(lines[-1], flush=True)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     header = [
         "# GGUF quantization throughput",
         "",
-        f"`python benchmarks/bench_gguf.py {rows} {cols}`: a seeded {rows} x {cols} float32 matrix,",
-        "best of 3 runs per cell,",
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()},",
-        f"{os.cpu_count()} CPUs, load average {load:.1f} when it finished"
+        f"`python benchmarks/bench_gguf.py {rows} {cols}`: a seeded {rows} x {cols} float32 matrix, the median of",
+        f"{REPEATS} runs per cell after a warm-up; bytes checked identical before timing"
         + (f"; llama.cpp ggml {cq.version} ({cq.commit})." if cq else "."),
+        "",
+        *machine_description("cpu", ["gguf", "numpy"]),
         "",
     ]
     with open(os.path.join(HERE, "results", "gguf.md"), "w") as f:

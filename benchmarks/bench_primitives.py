@@ -23,28 +23,17 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable
+import sys
 from pathlib import Path
 
 import torch
 
 import quantcourse as qc
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import cpu_name, median_seconds  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results" / "primitives.md"
-
-
-def median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
-    fn()  # warm-up: allocator, lazy imports, quanto's first-call dispatch
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()  # on a GPU, wait for the kernels before stopping the clock
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def quanto_int8(W: torch.Tensor):
@@ -117,16 +106,6 @@ def run_scheme(W, n_bits, symmetric, granularity, quanto_quantize, repeats, sync
             }
         )
     return rows
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_description(device: torch.device) -> list[str]:
