@@ -133,3 +133,19 @@ def test_course_model_dynamic_w8a8_close_to_float_and_better_than_static():
     static = perplexity(model, tokens, seq_len=256, n_windows=2)
     # per-tensor static int8 activations suffer from this model's massive activations (chapter 4)
     assert base < dynamic < 1.1 * base < static
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(dynamic=True, calibration_batches=batches()), "calibration_batches and observers would be ignored"),
+        (dict(dynamic=True, observers={}), "would be ignored"),
+        (dict(dynamic=True, w_group_size=5), "w_group_size=5 does not divide the 16 inputs of up"),
+        (dict(dynamic=True, w_group_size=0), "w_group_size must be a positive int"),
+    ],
+)
+def test_quantize_model_w_a_checks_options_before_calibrating(kwargs, message):
+    model = Toy()
+    model.forward = lambda *a: pytest.fail("ran the model before checking the options")
+    with pytest.raises(ValueError, match=message):
+        quantize_model_w_a(model, **kwargs)

@@ -142,3 +142,9 @@ def test_makefile_installs_with_the_constraints():
     makefile = (ROOT / "Makefile").read_text()
     assert "CONSTRAINTS ?= constraints.txt" in makefile
     assert '-e ".[test]"' in makefile and "$(PIP_PINS) -e" in makefile
+
+
+def test_py_typed_is_shipped():
+    assert (ROOT / "src" / "quantcourse" / "py.typed").is_file()
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "py.typed" in package_data["quantcourse"]

@@ -212,6 +212,21 @@ def quantize_model_w_a(
     """
     check_n_bits(w_bits)
     check_n_bits(a_bits)
+    if dynamic and (calibration_batches is not None or observers is not None):
+        raise ValueError(
+            "dynamic=True computes each token's range at run time, so calibration_batches and observers would be "
+            "ignored: drop them, or use dynamic=False for static ranges from them"
+        )
+    if w_group_size is not None and (
+        isinstance(w_group_size, bool) or not isinstance(w_group_size, int) or w_group_size < 1
+    ):
+        raise ValueError(f"w_group_size must be a positive int or None (per channel), got {w_group_size!r}")
+    for name, linear in surgery.find_linears(model, include_head=include_head).items():
+        if w_group_size is not None and linear.in_features % w_group_size:
+            raise ValueError(
+                f"w_group_size={w_group_size} does not divide the {linear.in_features} inputs of {name}: choose a "
+                "divisor of every layer's input width (64 for the course model), or None for per channel"
+            )
     if not dynamic and observers is None:
         if calibration_batches is None:
             raise ValueError(

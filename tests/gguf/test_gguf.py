@@ -16,7 +16,7 @@ from gguf import quants as gq
 import quantcourse.gguf as qg
 from quantcourse.gguf.cfloat import nearest_int, round_away, seq_sum, trunc_to_byte
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where golden/ lives
 GOLDEN = os.path.join(HERE, "golden", "gguf", "golden.npz")
 ALL = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 LEGACY = ALL[:5]
@@ -159,7 +159,12 @@ def test_zero_blocks_and_idempotence(name):
     data = qg.quantize(x, name)
     x_hat = qg.dequantize(data, name, x.shape)
     assert (x_hat[1] == 0).all()
-    np.testing.assert_array_equal(qg.quantize(x_hat, name) if name in ("Q8_0", "Q4_0", "Q5_0") else data, data)
+    again = qg.quantize(x_hat, name)
+    if name in ("Q8_0", "Q4_0", "Q5_0"):  # no search: grid values map back to their own codes
+        np.testing.assert_array_equal(again, data)
+    else:  # the searches may pick other codes for grid values, but never lose more than the first pass did
+        err_again = (qg.dequantize(again, name, x.shape) - x_hat).abs().max()
+        assert err_again <= (x_hat - x).abs().max(), name
 
 
 @pytest.mark.parametrize("name", ALL)
