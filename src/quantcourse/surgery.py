@@ -31,6 +31,7 @@ __all__ = [
     "fold_scales",
     "record_calls",
     "attention_score_linears",
+    "is_norm",
 ]
 
 # (path to the ModuleList of decoder blocks) for each supported layout, tried in order: causal LMs
@@ -316,6 +317,11 @@ def scale_groups(block: nn.Module) -> list[ScaleGroup]:
 
 # Norms whose output is ``normalized(x) * weight (+ bias)``: dividing weight (and bias) by s divides the output.
 _SCALABLE_NORMS = ("LayerNorm", "LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a norm that :func:`fold_scales` can fold a scale into (``weight`` [+ ``bias``])."""
+    return type(module).__name__ in _SCALABLE_NORMS
 
 
 @torch.no_grad()
