@@ -29,6 +29,7 @@ ALLOWED = {
     "03_granularity": {"4.25", "4.5", "4.5 \\times 128", "0.25", "0.5"},  # 16/g overheads, 576 = 4.5 x 128
     "04_calibration": {"99.99", "0.01"},  # the percentile observer's default, the moving average's constant
     "05_qat": {"62.0", "63.6", "64.0", "65.6", "33 %"},  # LLM-QAT's README table; chance on three classes
+    "07_awq": {"1%", "0.55"},  # the paper's 1% budget of kept channels; the clip search's floor (1 - 9/20)
     "06_gptq": {"7.15", "6.09", "14.16", "9.95", "4.56", "4.06", "5.2", "69%", "25%", "5%"},  # cited runs
     "07_awq": {"1%", "0.55"},  # the paper's salient-channel budget; the reference's smallest clip ratio
     "08_smoothquant": {"0.8", "0.9"},  # the alpha the authors' scripts use for Llama-2/3 and Mistral

@@ -360,3 +360,34 @@ def test_record_inputs_unflattened_and_hooks_removed_on_error():
         assert got["q"][0].shape == (2, 5, 32)
         raise RuntimeError("boom")
     assert not q._forward_pre_hooks
+
+
+def test_record_calls_replays_a_module_with_the_blocks_keyword_arguments():
+    from tiny_models import tiny_llama
+
+    from quantcourse import pipeline
+
+    model = tiny_llama()
+    calibration = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    inputs, args, kwargs = pipeline.capture_block_inputs(model, calibration, batch_size=1)
+    block = surgery.decoder_blocks(model)[0]
+    outputs = []
+    handle = block.self_attn.register_forward_hook(lambda m, a, o: outputs.append(o[0]))
+    with torch.no_grad(), surgery.record_calls({"attn": block.self_attn}) as calls:
+        pipeline.BlockContext(0, "b", block, inputs, args, kwargs).run()
+    handle.remove()
+    assert len(calls["attn"]) == 2 and not block.self_attn._forward_pre_hooks  # one call per batch; hooks removed
+    with torch.no_grad():
+        for (a, k), expected in zip(calls["attn"], outputs, strict=True):
+            torch.testing.assert_close(block.self_attn(*a, **k)[0], expected)
+
+
+def test_attention_score_linears():
+    from tiny_models import tiny_gpt2, tiny_llama
+
+    assert surgery.attention_score_linears(surgery.decoder_blocks(tiny_llama())[0]) == (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+    )
+    gpt2 = surgery.as_plain_linears(tiny_gpt2())
+    assert surgery.attention_score_linears(surgery.decoder_blocks(gpt2)[0]) == ("attn.c_attn",)
