@@ -43,6 +43,7 @@ SUBMODULES = (
     "gguf",
     "grading",
     "progress",
+    "kernels",
 )
 
 __all__ = [
