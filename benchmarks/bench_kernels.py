@@ -38,8 +38,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from quantcourse import kernels  # noqa: E402
-from quantcourse.gptq import rtn_quantize  # noqa: E402
 from quantcourse.kernels import roofline  # noqa: E402
+from quantcourse.weights import rtn_quantize  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 LLAMA_7B_LAYERS = {"q/k/v/o_proj": (4096, 4096), "gate/up_proj": (11008, 4096), "down_proj": (4096, 11008)}

@@ -1,13 +1,16 @@
 """The W4A16 GEMV and GEMM equal x @ dequantize(record)ᵀ, reading quantcourse.packing's int4 layout."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import DEVICE, FLOAT_DTYPES
 
 from quantcourse import kernels
-from quantcourse.gptq import gptq_quantize, rtn_quantize
+from quantcourse.gptq import gptq_quantize
 from quantcourse.kernels import Int4Weight, w4a16_reference
 from quantcourse.packing import pack_codes
+from quantcourse.weights import rtn_quantize
 
 # (N, K, group_size, allow_partial_group): odd sizes, sizes that are not multiples of the tiles, per channel
 WEIGHTS = [(33, 64, 32, False), (17, 100, None, False), (48, 96, 16, False), (20, 70, 32, True), (9, 45, 8, True)]
@@ -98,12 +101,16 @@ def test_records_the_kernels_cannot_read_are_refused():
     gen = torch.Generator().manual_seed(2)
     W, X = torch.randn(8, 64, generator=gen), torch.randn(128, 64, generator=gen)
     scattered = gptq_quantize(W, 2 * X.T @ X / 128, 4, group_size=16, act_order=True)
-    with pytest.raises(ValueError, match="not contiguous"):
+    with pytest.raises(ValueError, match="not consecutive"):
         Int4Weight.from_record(scattered)
     with pytest.raises(ValueError, match="4-bit codes"):
         Int4Weight.from_record(rtn_quantize(W, 3, group_size=16))
     with pytest.raises(TypeError, match="weight-only record"):
         Int4Weight.from_record(W)
+    rtn = rtn_quantize(W, 4, group_size=16)
+    nf4_like = dataclasses.replace(rtn, codebook=torch.linspace(-1, 1, 16))
+    with pytest.raises(ValueError, match="codebook"):
+        Int4Weight.from_record(nf4_like)
 
 
 def test_bad_calls_say_what_is_wrong():

@@ -6,7 +6,7 @@ with the library code it must equal:
 - :func:`quantize_per_token_int8`: int8 codes and one absmax scale per token; reference
   ``quantize(x, choose_qparams(x, 8, granularity=PerToken()))``.
 - :func:`w4a16_linear` (:func:`w4a16_gemv` for decode, :func:`w4a16_gemm` for prefill): ``x @ dequant(W4)ᵀ``
-  for a 4-bit group-wise :class:`Int4Weight`; reference ``Int4Weight.dequantize`` (``gptq.dequantize_codes``).
+  for a 4-bit group-wise :class:`Int4Weight`; reference ``Int4Weight.dequantize`` (``weights.dequantize_codes``).
 - :func:`nf4_dequantize` and the fused :func:`nf4_gemv`: bitsandbytes NF4; reference
   :func:`layout.nf4_dequantize_reference`, itself tested against ``bitsandbytes.functional``.
 - :func:`w8a8_matmul`: ``(q_x @ q_wᵀ) * s_x * s_w``, the int8 GEMM with both scales in its epilogue;
@@ -189,7 +189,7 @@ def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def _check_int4(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
     if not isinstance(weight, Int4Weight):
         raise TypeError(
-            f"weight must be an Int4Weight (Int4Weight.from_record(rtn_quantize(W, 4, ...))), got "
+            f"weight must be an Int4Weight (Int4Weight.from_record(weights.rtn_quantize(W, 4, ...))), got "
             f"{type(weight).__name__}"
         )
     check_activation(x, weight.in_features)

@@ -7,8 +7,8 @@ quantized to 4-bit codes with one scale and one zero point per group of ``group_
 ``W[n, k] ≈ scale[n, g] * (code[n, k] - zero[n, g])`` with ``g = k // group_size``. The codes are packed
 with :func:`quantcourse.packing.pack_codes`: two per byte along ``K``, **code ``k`` of a row in the low nibble
 of byte ``k // 2`` when ``k`` is even, in the high nibble when it is odd**; an odd ``K`` leaves the last high
-nibble 0. It is built from the weight-only record of :mod:`quantcourse.gptq` (``rtn_quantize`` /
-``gptq_quantize``), whose ``dequantize`` is the reference.
+nibble 0. It is built from the weight-only record every method returns, :class:`quantcourse.weights.QuantizedWeight`
+(``weights.rtn_quantize``, ``gptq.gptq_quantize``, ...), whose ``dequantize`` is the reference.
 
 **NF4 (bitsandbytes).** A tensor flattened row-major, quantized in blocks of ``blocksize`` elements with one
 float32 absmax per block; element ``i`` is ``NF4[code_i] * absmax[i // blocksize]``, and the codes are packed
@@ -28,6 +28,7 @@ import torch
 from ..granularity import PerChannel, PerToken
 from ..packing import pack_codes, unpack_codes
 from ..primitives import check_float_tensor, choose_qparams, quantize
+from ..weights import QuantizedWeight, consecutive_g_idx, dequantize_codes
 
 __all__ = [
     "Int4Weight",
@@ -93,39 +94,38 @@ class Int4Weight:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero))
 
     @classmethod
-    def from_record(cls, record) -> Int4Weight:
-        """Pack a 4-bit weight-only record (``quantcourse.gptq.GPTQResult`` from ``rtn_quantize`` / ``gptq_quantize``).
+    def from_record(cls, record: QuantizedWeight) -> Int4Weight:
+        """Pack a 4-bit :class:`quantcourse.weights.QuantizedWeight` (from ``rtn_quantize``, ``gptq_quantize``, ...).
 
-        The groups must be contiguous (``g_idx == arange(K) // group_size``): GPTQ with act-order and dynamic
+        The groups must be consecutive (``g_idx == arange(K) // group_size``): GPTQ with act-order and dynamic
         groups scatters them, and the kernels would need ``g_idx`` per column; quantize with
-        ``static_groups=True`` (or without act-order) instead.
+        ``static_groups=True`` (or without act-order) instead. Codebook formats (NF4) have their own kernels.
         """
-        for attr in ("codes", "scale", "zero_point", "g_idx", "n_bits", "group_size"):
-            if not hasattr(record, attr):
-                raise TypeError(
-                    f"expected a weight-only record (quantcourse.gptq.GPTQResult) with .{attr}, "
-                    f"got {type(record).__name__}"
-                )
+        if not isinstance(record, QuantizedWeight):
+            raise TypeError(
+                f"expected a weight-only record (quantcourse.weights.QuantizedWeight), got {type(record).__name__}"
+            )
         if record.n_bits != 4:
             raise ValueError(f"the W4A16 kernels read 4-bit codes; this record has n_bits={record.n_bits}")
-        codes = record.codes
-        N, K = codes.shape
-        group_size = record.group_size or K
-        expected = torch.arange(K, device=codes.device) // group_size
-        if not torch.equal(record.g_idx.to(expected.device), expected):
+        if record.codebook is not None:
             raise ValueError(
-                "the record's groups are not contiguous (act-order with dynamic groups): the kernels read "
+                "this record has a codebook (NF4/FP4): the W4A16 kernels read an integer grid; use nf4_dequantize "
+                "or nf4_gemv for NF4"
+            )
+        if not record.has_consecutive_groups:
+            raise ValueError(
+                "the record's groups are not consecutive (act-order with dynamic groups): the kernels read "
                 "group k // group_size; quantize with static_groups=True or act_order=False"
             )
-        zero = record.zero_point
+        codes, zero = record.codes, record.zero_point
         if zero.numel() and (int(zero.min()) < 0 or int(zero.max()) > 15):
             raise ValueError("zero points must lie in [0, 15] for 4-bit codes")
         return cls(
             pack_codes(codes, 4).contiguous(),
             record.scale.to(torch.float32).contiguous(),
             zero.to(torch.uint8).contiguous(),
-            int(group_size),
-            int(K),
+            int(record.group_size or codes.shape[1]),
+            int(codes.shape[1]),
         )
 
     def codes(self) -> torch.Tensor:
@@ -133,10 +133,8 @@ class Int4Weight:
         return unpack_codes(self.packed, 4, self.in_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The reference weight ``[N, K]``: :func:`quantcourse.gptq.dequantize_codes` of the unpacked codes."""
-        from ..gptq import dequantize_codes
-
-        g_idx = torch.arange(self.in_features, device=self.packed.device) // self.group_size
+        """The reference weight ``[N, K]``: :func:`quantcourse.weights.dequantize_codes` of the unpacked codes."""
+        g_idx = consecutive_g_idx(self.in_features, self.group_size, self.packed.device)
         return dequantize_codes(self.codes(), self.scale, self.zero.to(torch.int32), g_idx, dtype)
 
     def to(self, device) -> Int4Weight:
