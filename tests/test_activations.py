@@ -9,6 +9,7 @@ from quantcourse.activations import (
     ActivationQuantizer,
     QuantizedLinear,
     calibrate_linear_inputs,
+    fake_quantize_per_token,
     quantize_model_w_a,
     restore_float_linears,
 )
@@ -42,6 +43,16 @@ def test_static_uses_fixed_range_dynamic_uses_each_tokens_range():
     torch.testing.assert_close(dynamic, qc.fake_quantize(x, 8, granularity=qc.PerToken()), rtol=0, atol=0)
     quiet = (slice(1, None),)
     assert (dynamic - x)[quiet].abs().max() < (static - x)[quiet].abs().max() / 10
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["absmax", "zero_point"])
+def test_fake_quantize_per_token_equals_the_library_and_passes_gradients(symmetric):
+    x = (torch.randn(3, 4, 16) * torch.logspace(0, 2, 4)[:, None]).requires_grad_()
+    y = fake_quantize_per_token(x, 4, symmetric=symmetric)
+    expected = qc.fake_quantize(x.detach(), 4, symmetric=symmetric, granularity=qc.PerToken())
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(g, torch.ones_like(x))  # a token's own range clips nothing
 
 
 def test_static_per_channel_qparams_fit_inputs_of_the_same_rank():

@@ -20,7 +20,7 @@ from .memory import (
     memory_table,
     model_bytes,
 )
-from .primitives import QParams, choose_qparams, dequantize, fake_quantize, quantize
+from .primitives import QParams, choose_qparams, dequantize, fake_quantize, fake_quantize_ste, quantize
 
 __version__ = "0.1.0"
 
@@ -59,6 +59,7 @@ __all__ = [
     "quantize",
     "dequantize",
     "fake_quantize",
+    "fake_quantize_ste",
     # memory arithmetic and number formats (chapter 1)
     "bits_per_weight",
     "model_bytes",

@@ -26,17 +26,35 @@ from torch.nn import functional as F
 from . import surgery
 from .calibration import Observer, make_observer
 from .granularity import PerChannel, PerGroup, PerToken
-from .primitives import QParams, check_n_bits, choose_qparams, fake_quantize
+from .primitives import QParams, check_n_bits, choose_qparams, fake_quantize, fake_quantize_ste
 from .progress import progress_bar
-from .qat import fake_quantize_ste
 
 __all__ = [
+    "fake_quantize_per_token",
     "ActivationQuantizer",
     "QuantizedLinear",
     "calibrate_linear_inputs",
     "quantize_model_w_a",
     "restore_float_linears",
 ]
+
+
+def fake_quantize_per_token(x: torch.Tensor, n_bits: int, *, symmetric: bool = True) -> torch.Tensor:
+    """Dynamic per-token fake quantization, differentiable with the straight-through estimator.
+
+    Each token (each row of the last dimension) gets its own range, computed from ``x`` as it arrives:
+    ``fake_quantize_ste(x, choose_qparams(x, n_bits, granularity=PerToken()))``.
+
+    Args:
+        x: float ``[..., hidden]``; not modified.
+        n_bits: 2..8.
+        symmetric: absmax (default) or zero-point ranges.
+
+    Returns:
+        a tensor of ``x``'s shape and dtype; its gradient is 1 inside each token's range (everywhere,
+        since the range is the token's own).
+    """
+    return fake_quantize_ste(x, choose_qparams(x.detach(), n_bits, symmetric=symmetric, granularity=PerToken()))
 
 
 class ActivationQuantizer(nn.Module):
@@ -77,9 +95,8 @@ class ActivationQuantizer(nn.Module):
                 qp = QParams(
                     qp.scale.reshape(shape), qp.zero_point.reshape(shape), qp.n_bits, qp.symmetric, qp.granularity
                 )
-        else:
-            qp = choose_qparams(x.detach(), self.n_bits, symmetric=self.symmetric, granularity=PerToken())
-        return fake_quantize_ste(x, qp)
+            return fake_quantize_ste(x, qp)
+        return fake_quantize_per_token(x, self.n_bits, symmetric=self.symmetric)
 
     def extra_repr(self) -> str:
         return f"n_bits={self.n_bits}, {'static' if self.is_static else 'dynamic per token'}"

@@ -181,6 +181,8 @@ class Q4_K(_AsymmetricK):
     """
 
     name = "Q4_K"
+    imatrix_sigma = "block"
+    fallback = "Q5_0"
     nmax, rmin, nstep = 15, -1.0, 20
 
     @classmethod
@@ -211,6 +213,8 @@ class Q5_K(_AsymmetricK):
     """
 
     name = "Q5_K"
+    imatrix_sigma = "block"
+    fallback = "Q5_1"
     nmax, rmin, nstep = 31, -0.5, 15
 
     @classmethod
@@ -245,6 +249,7 @@ class Q2_K(BlockFormat):
     """
 
     name = "Q2_K"
+    fallback = "Q4_0"
 
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
@@ -311,6 +316,7 @@ class Q3_K(BlockFormat):
     """
 
     name = "Q3_K"
+    fallback = "Q4_0"
 
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
@@ -361,6 +367,8 @@ class Q6_K(BlockFormat):
     """
 
     name = "Q6_K"
+    imatrix_sigma = "block"
+    fallback = "Q8_0"
 
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
