@@ -20,6 +20,13 @@ def test_doctor_reports_versions_device_and_model(capsys):
         assert name in out
     assert ("CUDA:" in out) or ("CPU (" in out)
     assert status == 0 and "course model" in out and ".gguf" in out
+    import torch
+
+    from quantcourse.kernels import available
+
+    assert f"kernels       {available()['note']}" in out, "doctor says where the Triton kernels run"
+    assert ("hidden tests run on cuda" if torch.cuda.is_available() else "hidden tests run on cpu") in out
+    assert out.count("\ngpu ") == torch.cuda.device_count(), "one line per visible GPU"
 
 
 def test_console_script_is_installed():

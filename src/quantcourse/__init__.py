@@ -47,6 +47,7 @@ SUBMODULES = (
     "gguf",
     "grading",
     "progress",
+    "kernels",
 )
 
 __all__ = [

@@ -71,7 +71,16 @@ def cmd_doctor(args) -> int:
             f"CPU ({torch.get_num_threads()} threads; torch built {'with' if torch.version.cuda else 'without'} CUDA)"
         )
     print(f"device        {device}")
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        print(f"gpu {i:<9} {props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs")
     print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '(unset)')}")
+    from .kernels import available
+
+    print(f"kernels       {available()['note']}")
+    from .grading.autograde import grading_device
+
+    print(f"grading       hidden tests run on {grading_device()}")
     from .models import course_gguf_path
 
     try:
@@ -115,6 +124,11 @@ def cmd_autograde(args) -> int:
 
     course = _course(args)
     out = Path(args.out)
+    from .grading.autograde import grading_device
+
+    device = grading_device()
+    note = "" if device.startswith("cuda") else " (no CUDA GPU: falling back to the CPU; Triton runs interpreted)"
+    print(f"grading on {device}{note}")
     grades = autograde(course, args.submissions, out=out, timeout=args.timeout, progress=not args.no_progress)
     width = max([len(g.student) for g in grades] + [7])
     for g in grades:

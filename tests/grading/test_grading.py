@@ -8,9 +8,17 @@ from pathlib import Path
 import _toy
 import nbformat
 import pytest
+import torch
 from nbformat.v4 import new_code_cell, new_output
 
-from quantcourse.grading.autograde import CSV_FIELDS, Grade, _check_submission, autograde, write_grades_csv
+from quantcourse.grading.autograde import (
+    CSV_FIELDS,
+    Grade,
+    _check_submission,
+    autograde,
+    grading_device,
+    write_grades_csv,
+)
 from quantcourse.grading.config import Course, write_config
 from quantcourse.grading.preprocessors import HIDDEN_NOTE, HideHiddenTests, ShortenHiddenTracebacks
 from quantcourse.grading.release import release, scan_for_markers
@@ -115,13 +123,16 @@ def test_check_submission_reasons(tmp_path):
 
 def test_write_grades_csv(tmp_path):
     grades = [Grade("ann", "a01", 4.5, 6.0, "ok"), Grade("ben", "a01", 0.0, 6.0, "missing: no submission")]
-    path = write_grades_csv(grades, tmp_path / "sub" / "grades.csv")
+    path = write_grades_csv(grades, tmp_path / "sub" / "grades.csv", device="cpu")
     rows = list(csv.reader(path.open()))
     assert rows == [
         list(CSV_FIELDS),
-        ["ann", "a01", "4.5", "6", "ok"],
-        ["ben", "a01", "0", "6", "missing: no submission"],
+        ["ann", "a01", "4.5", "6", "ok", "cpu"],
+        ["ben", "a01", "0", "6", "missing: no submission", "cpu"],
     ]
+    default = list(csv.DictReader(write_grades_csv(grades, tmp_path / "d.csv").open()))
+    assert {r["device"] for r in default} == {grading_device()}
+    assert grading_device().startswith("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_run_reason_prefers_the_exception_line():

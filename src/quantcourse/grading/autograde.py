@@ -23,9 +23,9 @@ from ..progress import progress_bar
 from .config import Course
 from .runner import run_nbgrader
 
-__all__ = ["Grade", "prepare", "autograde", "write_grades_csv", "CSV_FIELDS"]
+__all__ = ["Grade", "prepare", "autograde", "write_grades_csv", "grading_device", "CSV_FIELDS"]
 
-CSV_FIELDS = ("student", "assignment", "score", "max_score", "status")
+CSV_FIELDS = ("student", "assignment", "score", "max_score", "status", "device")
 _ERROR_NAMES = {
     "CellTimeoutError": "a cell ran past the time limit and was interrupted",
     "DeadKernelError": "the kernel died",
@@ -283,13 +283,23 @@ def autograde(
     return grades
 
 
-def write_grades_csv(grades: list[Grade], path: str | Path) -> Path:
-    """Write ``grades`` as CSV with the header :data:`CSV_FIELDS`."""
+def grading_device() -> str:
+    """Where the hidden tests run: the CUDA GPU (``quantcourse.grading.hidden.DEVICE``), or the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(0)}; {torch.cuda.device_count()} visible)"
+    return "cpu (no CUDA GPU; Triton kernels through the interpreter)"
+
+
+def write_grades_csv(grades: list[Grade], path: str | Path, *, device: str | None = None) -> Path:
+    """Write ``grades`` as CSV with the header :data:`CSV_FIELDS`; ``device`` defaults to :func:`grading_device`."""
+    device = grading_device() if device is None else device
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(CSV_FIELDS)
         for g in grades:
-            writer.writerow([g.student, g.assignment, f"{g.score:g}", f"{g.max_score:g}", g.status])
+            writer.writerow([g.student, g.assignment, f"{g.score:g}", f"{g.max_score:g}", g.status, device])
     return path
