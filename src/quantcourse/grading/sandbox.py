@@ -50,6 +50,7 @@ __all__ = [
     "SandboxUnavailable",
     "sandbox_problem",
     "build_library_view",
+    "library_view_for",
 ]
 
 _GiB = 2**30
@@ -352,12 +353,21 @@ class Sandbox:
         slot: worker slot; running as root, the sandbox runs as uid ``61000 + slot``.
     """
 
-    def __init__(self, view: LibraryView, limits: Limits, *, slot: int = 0, _bare: bool = False):
+    def __init__(self, view: LibraryView, limits: Limits, *, slot: int = 0, isolate: bool = True, _bare: bool = False):
         self.limits = limits
         self._ids = 0
         root = os.geteuid() == 0
-        uid = 61000 + slot if root else None
-        argv = bwrap_argv(view, limits, uid=uid, env=_sandbox_env(limits, None))
+        uid = 61000 + slot if root and isolate else None
+        popen_env = cwd = None
+        if isolate:
+            argv = bwrap_argv(view, limits, uid=uid, env=_sandbox_env(limits, None))
+        else:  # no sandbox (trusted notebooks only): the stripped library first on the path, same limits
+            self._scratch = tempfile.TemporaryDirectory(prefix="quantcourse-unsandboxed-")
+            cwd = self._scratch.name
+            path = os.pathsep.join(sorted({str(Path(c).parent) for c, _ in view.mounts}))
+            popen_env = _sandbox_env(limits, {"PYTHONPATH": path, "HOME": cwd, "TMPDIR": cwd})
+            popen_env.pop("MPLCONFIGDIR")
+            argv = []
         to_box_r, to_box_w = os.pipe()
         from_box_r, from_box_w = os.pipe()
         python = os.path.realpath(sys.executable) if _bare else sys.executable
@@ -378,6 +388,8 @@ class Sandbox:
         self.proc = subprocess.Popen(
             argv + command,
             pass_fds=(to_box_r, from_box_w),
+            env=popen_env,
+            cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if _bare else subprocess.DEVNULL,
             stderr=self._stderr,
@@ -395,12 +407,14 @@ class Sandbox:
                 raise SandboxError("a bare sandbox did not start within 60 s") from None
             if self.proc.returncode != 0 or b"ok" not in stdout:
                 raise SandboxError(f"exit status {self.proc.returncode}: {self.stderr_tail()}")
+            self.close()
             return
         try:
             hello, _ = wire.read_frame(self._in, deadline=time.monotonic() + max(60.0, limits.call_timeout))
         except (TimeoutError, EOFError, wire.WireError) as err:
+            tail = self.stderr_tail()
             self.close()
-            raise SandboxError(f"the sandboxed worker did not start ({err}): {self.stderr_tail()}") from None
+            raise SandboxError(f"the sandboxed worker did not start ({err}): {tail}") from None
         if not hello.get("ready"):
             self.close()
             raise SandboxError("the sandboxed worker did not say it was ready")
@@ -464,6 +478,8 @@ class Sandbox:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._out = self._in = None
+        with contextlib.suppress(OSError):
+            self._stderr.close()
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
