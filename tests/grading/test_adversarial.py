@@ -40,7 +40,11 @@ def _hash_tree(folder: Path) -> dict[str, str]:
 
 
 def _build(case, release_nb: Path, paths: dict[str, str]) -> nbformat.NotebookNode:
-    fill = lambda text: text.format(**paths)  # noqa: E731
+    def fill(text: str) -> str:
+        for name, value in paths.items():
+            text = text.replace("{" + name + "}", value)
+        return text
+
     nb = _toy.answered(release_nb, {k: fill(v) for k, v in case.ANSWERS.items()})
     for source in getattr(case, "EXTRA", []):
         nb.cells.append(nbformat.v4.new_code_cell(fill(source)))

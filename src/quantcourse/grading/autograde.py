@@ -460,6 +460,7 @@ def autograde(
     resume: bool = False,
     shard: tuple[int, int] | str | None = None,
     limits=None,
+    similarity: bool = True,
 ) -> list[Grade]:
     """Autograde ``submissions`` (``<student>/<assignment>/*.ipynb``) for ``course``.
 
@@ -484,6 +485,8 @@ def autograde(
         resume: skip (student, assignment) pairs already graded with the same submission and masters.
         shard: ``(i, n)`` or ``"i/n"``: grade only the deterministic i-th of n slices.
         limits: :class:`~quantcourse.grading.sandbox.Limits` (default: the cell timeout of ``course``).
+        similarity: write ``out/similarity/<assignment>.csv`` and ``.md``, near-copies for review
+            (:mod:`~quantcourse.grading.similarity`; grades are never changed by it).
 
     Raises:
         ValueError: ``submissions`` is not a folder, or an option is malformed.
@@ -580,9 +583,26 @@ def autograde(
         graded = _feedback(course, assignment, graded, out, timeout)
     if (out / "feedback").is_dir():
         offline_math(out / "feedback")
+    for plan in plans.values() if similarity else []:
+        _similarity(course, plan, submissions, students, out)
     grades = sorted(grades + graded, key=lambda g: (g.assignment, g.student))
     write_grades_csv(grades, out / "grades.csv")
     return grades
+
+
+def _similarity(course: Course, plan: _Plan, submissions: Path, students: list[str], out: Path) -> None:
+    """The similarity report of one assignment, per notebook (never fails the grading)."""
+    from .similarity import similarity_report
+
+    for name, master in zip(plan.notebooks, plan.masters, strict=True):
+        found = {s: submissions / s / plan.assignment / name for s in students}
+        found = {s: p for s, p in found.items() if p.is_file()}
+        label = plan.assignment if len(plan.notebooks) == 1 else f"{plan.assignment}__{Path(name).stem}"
+        try:
+            similarity_report(label, master, found, targets=list(plan.view[2]), out=out / "similarity")
+        except Exception as err:  # noqa: BLE001 - a report, never a reason to lose grades
+            (out / "similarity").mkdir(parents=True, exist_ok=True)
+            (out / "similarity" / f"{label}.md").write_text(f"similarity report failed: {err}\n")
 
 
 def _default_workers() -> int:
