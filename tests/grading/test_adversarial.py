@@ -93,7 +93,7 @@ def graded(tmp_path_factory):
     hidden_before = hashlib.sha256(Path(hidden.__file__).read_bytes()).hexdigest()
     before = _hash_tree(course.root)
     started = time.monotonic()
-    limits = Limits(call_timeout=20, memory_bytes=4 * 2**30, cpu_seconds=300)
+    limits = Limits(call_timeout=20, memory_bytes=4 * 2**30, cpu_seconds=300, processes=32)
     grades = autograde(
         course, root / "submissions", out=root / "out", timeout=300, progress=False, workers=2, limits=limits
     )

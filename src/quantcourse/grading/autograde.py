@@ -507,6 +507,12 @@ def autograde(
             "without it (your own masters), pass --no-sandbox"
         )
     limits = limits or Limits(call_timeout=course.cell_timeout)
+    staging = course.step_dir("submitted")
+    if submissions == staging or staging in submissions.parents:  # `nbgrader collect` put them there
+        snapshot = course.work / "collected"  # the grader stages signed notebooks in submitted/
+        shutil.rmtree(snapshot, ignore_errors=True)
+        shutil.copytree(submissions, snapshot)
+        submissions = snapshot
     students = sorted(d.name for d in submissions.iterdir() if d.is_dir() and not d.name.startswith("."))
     named = sorted({a.name for s in students for a in (submissions / s).iterdir() if a.is_dir()})
     known = set(course.assignments())

@@ -74,7 +74,7 @@ class Limits:
     call_timeout: float = 300
     cpu_seconds: int = 1800
     memory_bytes: int = 8 * _GiB
-    processes: int = 256
+    processes: int = 64
     file_bytes: int = 64 * 2**20
     tmp_bytes: int = 256 * 2**20
     reply_bytes: int = 256 * 2**20
@@ -267,6 +267,7 @@ def _parents(path: str, made: set[str]) -> list[str]:
 
 def bwrap_argv(view: LibraryView, limits: Limits, *, uid: int | None, env: dict[str, str]) -> list[str]:
     """The ``bwrap`` command line (without the command to run inside)."""
+    env = {**env, "QUANTCOURSE_SANDBOX": "1"}
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise SandboxUnavailable("bubblewrap (bwrap) is not installed")
