@@ -143,7 +143,7 @@ def test_student_runs_the_visible_tests_fixes_a_hint_and_validates(lab, browser)
     page.set_default_timeout(120_000)
     page.goto(f"{lab['url']}/lab/tree/student/{ASSIGNMENT}.ipynb?token={lab['token']}")
     page.wait_for_selector(".jp-Notebook .jp-Cell")
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle'], text=Idle", timeout=120_000)
+    page.get_by_text("Idle").first.wait_for(timeout=120_000)  # the kernel is up (status bar)
     page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
     page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
     hint = "you divided by 2^(n-1) = 128"

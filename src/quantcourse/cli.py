@@ -74,6 +74,10 @@ def cmd_doctor(args) -> int:
         )
     print(f"device        {device}")
     print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '(unset)')}")
+    from .grading.sandbox import sandbox_problem
+
+    problem = sandbox_problem()
+    print(f"sandbox       {'bubblewrap works' if problem is None else 'UNAVAILABLE: ' + problem}")
     from .models import course_gguf_path
 
     try:

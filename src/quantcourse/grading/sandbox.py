@@ -63,7 +63,8 @@ class Limits:
     Attributes:
         call_timeout: seconds one cell or one call of a student's function may run.
         cpu_seconds: CPU time of each sandbox process (RLIMIT_CPU).
-        memory_bytes: address space of each sandbox process (RLIMIT_AS).
+        memory_bytes: address space of each sandbox process (RLIMIT_AS; not applied on a machine with an
+            NVIDIA GPU, where CUDA reserves far more address space than it uses).
         processes: processes and threads the sandbox may start (RLIMIT_NPROC, above what runs already).
         file_bytes: size of any file the sandbox writes (RLIMIT_FSIZE).
         tmp_bytes: size of the sandbox's private ``/tmp``.
@@ -378,9 +379,12 @@ class Sandbox:
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
         count = _user_tasks(uid if uid is not None else os.getuid())
 
+        gpu = bool(glob.glob("/dev/nvidia[0-9]*"))
+
         def limit():
             resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 5))
-            resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
+            if not gpu:  # CUDA reserves far more address space than it uses: no RLIMIT_AS with a GPU
+                resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
             resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
             resource.setrlimit(resource.RLIMIT_NPROC, (count + limits.processes, count + limits.processes))
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))

@@ -366,6 +366,7 @@ class _RemoteFunction(torch.autograd.Function):
             i for i, t in enumerate(tensors) if i < len(flags) and flags[i] is True and t.is_floating_point()
         ]
         ctx.session, ctx.graph, ctx.n_inputs = session, reply.get("graph"), len(grad_inputs)
+        ctx.devices = [t.device for t in grad_inputs]
         ctx.differentiable = differentiable
         outs = [tensors[i].detach() for i in differentiable]
         ids = {id(tensors[i]): k for k, i in enumerate(differentiable)}
@@ -398,7 +399,9 @@ class _RemoteFunction(torch.autograd.Function):
         result = ctx.session.decode(reply.get("value"), blobs)
         if not isinstance(result, list) or len(result) != ctx.n_inputs:
             raise AssertionError("the sandbox answered a gradient request with something that is not gradients")
-        return none + tuple(g if isinstance(g, torch.Tensor) else None for g in result)
+        return none + tuple(
+            g.to(d) if isinstance(g, torch.Tensor) else None for g, d in zip(result, ctx.devices, strict=True)
+        )
 
 
 # ------------------------------------------------------------------------------------------ the grader

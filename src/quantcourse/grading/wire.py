@@ -59,6 +59,7 @@ for _name in ("uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2"):
     if hasattr(torch, _name):
         _TORCH_DTYPES[_name] = getattr(torch, _name)
 _NUMPY_KINDS = set("biufc")
+_CUDA = torch.device("cuda") if torch.cuda.is_available() else None
 
 
 class WireError(ValueError):
@@ -204,6 +205,7 @@ class Encoder:
             "b": len(self.blobs) - 1,
             "rg": bool(t.requires_grad),
             "param": isinstance(t, torch.nn.Parameter),
+            "dev": t.device.type,
             "i": len(self.tensors) - 1,
         }
 
@@ -339,8 +341,9 @@ class Decoder:
         else:
             flat = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
             t = flat.view(dtype).reshape(shape) if dtype != torch.bool else flat.view(torch.bool).reshape(shape)
-        if self._device is not None and self._device.type != "cpu":
-            t = t.to(self._device)
+        device = self._device or (_CUDA if node.get("dev") == "cuda" else None)
+        if device is not None and device.type != "cpu":
+            t = t.to(device)  # a CUDA tensor stays one when this side has a GPU
         if node.get("param") is True:
             t = torch.nn.Parameter(t, requires_grad=bool(node.get("rg")))
         elif node.get("rg") is True and (t.is_floating_point() or t.is_complex()):
