@@ -11,6 +11,7 @@ Skipped, with the reason, when Playwright or a Chromium executable is missing (`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -134,6 +135,16 @@ def browser():
         chromium.close()
 
 
+@contextlib.contextmanager
+def _on_failure_screenshot(page, name: str):
+    """Keep a screenshot of the page when a step fails (the artifact to look at)."""
+    try:
+        yield
+    except Exception:
+        page.screenshot(path=str(ARTIFACTS / f"failed_{name}.png"), full_page=True)
+        raise
+
+
 def _cell(page, text: str):
     return page.locator(".jp-CodeCell", has_text=text).first
 
@@ -141,9 +152,15 @@ def _cell(page, text: str):
 def test_student_runs_the_visible_tests_fixes_a_hint_and_validates(lab, browser):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(120_000)
+    with _on_failure_screenshot(page, "student"):
+        _student_steps(page, lab)
+    page.close()
+
+
+def _student_steps(page, lab) -> None:
     page.goto(f"{lab['url']}/lab/tree/student/{ASSIGNMENT}.ipynb?token={lab['token']}")
     page.wait_for_selector(".jp-Notebook .jp-Cell")
-    page.get_by_text("Idle").first.wait_for(timeout=120_000)  # the kernel is up (status bar)
+    page.wait_for_selector("text=Kernel status: Idle", state="attached")  # the kernel is up (status bar)
     page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
     page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
     hint = "you divided by 2^(n-1) = 128"
@@ -167,12 +184,17 @@ def test_student_runs_the_visible_tests_fixes_a_hint_and_validates(lab, browser)
     page.wait_for_selector(".jp-Dialog >> text=/Success|passes/i", timeout=240_000)
     page.screenshot(path=str(ARTIFACTS / "3_student_validates.png"))
     assert "Success" in dialog.inner_text() or "passes" in dialog.inner_text()
-    page.close()
 
 
 def test_instructor_sees_the_autograded_submissions_and_feedback(lab, browser):
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     page.set_default_timeout(120_000)
+    with _on_failure_screenshot(page, "instructor"):
+        _instructor_steps(page, lab)
+    page.close()
+
+
+def _instructor_steps(page, lab) -> None:
     page.goto(f"{lab['url']}/formgrader/manage_submissions/{_toy.ASSIGNMENT}?token={lab['token']}")
     page.wait_for_selector("text=alice")
     page.wait_for_selector("text=bob")
@@ -185,4 +207,3 @@ def test_instructor_sees_the_autograded_submissions_and_feedback(lab, browser):
     body = page.inner_text("body")
     assert _toy.HIDDEN_SENTINEL not in body and "BEGIN HIDDEN TESTS" not in body
     page.screenshot(path=str(ARTIFACTS / "5_feedback_page.png"), full_page=True)
-    page.close()

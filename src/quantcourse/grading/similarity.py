@@ -122,7 +122,7 @@ def _answer_sources(nb, grade_ids: set[str]) -> dict[str, str]:
     return {k: "\n".join(v) for k, v in found.items()}
 
 
-_SOLUTION = re.compile(r"### BEGIN SOLUTION\n(.*?)### END SOLUTION", re.S)
+_MARKER_LINE = re.compile(r"^[ \t]*### (BEGIN|END) SOLUTION[ \t]*\n?", re.M)
 
 
 def _references(master_path: Path, targets: list[str]) -> dict[str, str]:
@@ -134,7 +134,7 @@ def _references(master_path: Path, targets: list[str]) -> dict[str, str]:
     for cell in nb.cells:
         meta = cell.get("metadata", {}).get("nbgrader", {})
         if meta.get("solution") and cell.cell_type == "code":
-            refs[f"master solution of {meta.get('grade_id')}"] = _SOLUTION.sub(r"\1", cell.source)
+            refs[f"master solution of {meta.get('grade_id')}"] = _MARKER_LINE.sub("", cell.source)
     for target in targets:
         try:
             obj = inspect.unwrap(_resolve(target))
