@@ -150,7 +150,9 @@ def _cell(page, text: str):
 
 
 def test_student_runs_the_visible_tests_fixes_a_hint_and_validates(lab, browser):
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page = browser.new_page(
+        viewport={"width": 1400, "height": 1000}, extra_http_headers={"Authorization": f"token {lab['token']}"}
+    )
     page.set_default_timeout(120_000)
     with _on_failure_screenshot(page, "student"):
         _student_steps(page, lab)
@@ -191,7 +193,10 @@ def _student_steps(page, lab) -> None:
 
 
 def test_instructor_sees_the_autograded_submissions_and_feedback(lab, browser):
-    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    # the formgrader's API calls carry no token cookie: authenticate every request with a header
+    page = browser.new_page(
+        viewport={"width": 1400, "height": 900}, extra_http_headers={"Authorization": f"token {lab['token']}"}
+    )
     page.set_default_timeout(120_000)
     with _on_failure_screenshot(page, "instructor"):
         _instructor_steps(page, lab)
