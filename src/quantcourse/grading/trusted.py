@@ -562,6 +562,8 @@ class TrustedGrader:
                 exec(compile(cell.source, filename, "exec"), namespace)  # noqa: S102 - the master's own tests
         except (Exception, _CellTimeout) as exc:  # noqa: BLE001
             error = _describe(exc, filename, _hidden_lines(cell.source))
+            if isinstance(exc, _CellTimeout) or (isinstance(exc, StudentError) and isinstance(exc, TimeoutError)):
+                session.problems.append(f"{cell.grade_id}: the student's code ran past the time limit")
         finally:
             signal.alarm(0)
         if session.broken:
