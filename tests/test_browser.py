@@ -162,8 +162,8 @@ def test_student_runs_the_visible_tests_fixes_a_hint_and_validates(lab, browser)
 def _student_steps(page, lab) -> None:
     page.goto(f"{lab['url']}/lab/tree/student/{ASSIGNMENT}.ipynb?token={lab['token']}")
     page.wait_for_selector(".jp-Notebook .jp-Cell")
-    if page.locator("button", has_text="No").count():  # JupyterLab's "news?" notification
-        page.locator("button", has_text="No").first.click()
+    with contextlib.suppress(Exception):  # JupyterLab's "news?" toast, when it shows
+        page.locator(".Toastify button", has_text="No").first.click(timeout=5_000)
     page.wait_for_selector("text=Kernel status: Idle", state="attached")  # the kernel is up (status bar)
     page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
     page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
