@@ -124,10 +124,13 @@ def generate(release_nb: Path, folder: Path, n: int, seed: int = 0) -> dict[str,
             for cell in nb.cells:
                 if cell.metadata.get("nbgrader", {}).get("grade_id") == grade_id:
                     cell.source = pick[0]
-        # fake_quantize passes only if every function it uses is right
+        # fake_quantize passes if the functions it uses are right (a quantize without the clamp passes
+        # inside fake_quantize too: the range comes from x itself, so nothing leaves it)
         ok = {g: (p is not None and p[1] > 0) for g, p in chosen.items()}
         earned = sum(2.0 for g in ("absmax_scale", "zeropoint_qparams", "quantize", "dequantize") if ok[g])
-        if ok["fake_quantize"] and all(ok[g] for g in ("absmax_scale", "zeropoint_qparams", "quantize", "dequantize")):
+        no_clamp = chosen["quantize"] is not None and chosen["quantize"][0] == ANSWERS["quantize"][1][0]
+        parts = ("absmax_scale", "zeropoint_qparams", "dequantize") + (() if no_clamp else ("quantize",))
+        if ok["fake_quantize"] and all(ok[g] for g in parts):
             earned += 2.0
         expected[student] = earned
         (folder / student / ASSIGNMENT).mkdir(parents=True)
