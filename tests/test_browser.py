@@ -55,7 +55,7 @@ pytestmark = [
     ),
 ]
 
-_SOLUTION = re.compile(r"[ \t]*### (BEGIN|END) SOLUTION\n")
+_SOLUTION = re.compile(r"[ \t]*### (BEGIN|END) SOLUTION[ \t]*\n?")
 WRONG = "def absmax_scale(x, n_bits):\n    return (x.abs().amax() / 2 ** (n_bits - 1)).clamp(min=EPS)\n"
 RIGHT = "def absmax_scale(x, n_bits):\n    return (x.abs().amax() / (2 ** (n_bits - 1) - 1)).clamp(min=EPS)\n"
 
