@@ -4,7 +4,9 @@
     quantcourse release [ASSIGNMENT]         regenerate course/ from solutions/
     quantcourse check-release                course/ is in sync with solutions/ and holds no solutions
     quantcourse autograde SUBMISSIONS        grade <student>/<assignment>/*.ipynb: feedback + grades.csv
+    quantcourse merge-grades PART ...        combine the --out folders of sharded autograde runs
     quantcourse selfcheck [ASSIGNMENT ...]   solutions score full marks, releases score zero
+    quantcourse student-dist DEST            the student-facing copy (folder or archive), without solutions
 
 The logic lives in :mod:`quantcourse.grading`; this module only parses arguments and prints.
 """
@@ -81,6 +83,10 @@ def cmd_doctor(args) -> int:
     from .grading.autograde import grading_device
 
     print(f"grading       hidden tests run on {grading_device()}")
+    from .grading.sandbox import sandbox_problem
+
+    problem = sandbox_problem()
+    print(f"sandbox       {'bubblewrap works' if problem is None else 'UNAVAILABLE: ' + problem}")
     from .models import course_gguf_path
 
     try:
@@ -119,22 +125,64 @@ def cmd_check_release(args) -> int:
     return 0
 
 
+def _print_grades(grades, out: Path) -> None:
+    width = max([len(g.student) for g in grades] + [7])
+    for g in grades:
+        print(f"{g.student:<{width}} {g.assignment:<24} {g.score:>6g}/{g.max_score:<6g} {g.status}")
+    bad = [g for g in grades if not g.ok]
+    print(f"grades: {out / 'grades.csv'}; feedback: {out / 'feedback'}/; {len(bad)} of {len(grades)} not ok")
+
+
 def cmd_autograde(args) -> int:
-    from .grading.autograde import autograde
+    from .grading.autograde import autograde, parse_shard
+    from .grading.sandbox import Limits
 
     course = _course(args)
+    course = course.with_(cell_timeout=args.cell_timeout)
+    shard = parse_shard(args.shard)  # options are checked before any long work
+    if args.no_sandbox:
+        print(
+            "quantcourse autograde: --no-sandbox: students' code runs unconfined, as you, with your files in "
+            "reach; use it only for notebooks you trust",
+            file=sys.stderr,
+        )
+    limits = Limits(call_timeout=args.cell_timeout, memory_bytes=int(args.memory_gb * 2**30))
     out = Path(args.out)
     from .grading.autograde import grading_device
 
     device = grading_device()
     note = "" if device.startswith("cuda") else " (no CUDA GPU: falling back to the CPU; Triton runs interpreted)"
     print(f"grading on {device}{note}")
-    grades = autograde(course, args.submissions, out=out, timeout=args.timeout, progress=not args.no_progress)
-    width = max([len(g.student) for g in grades] + [7])
-    for g in grades:
-        print(f"{g.student:<{width}} {g.assignment:<24} {g.score:>6g}/{g.max_score:<6g} {g.status}")
-    bad = [g for g in grades if not g.ok]
-    print(f"grades: {out / 'grades.csv'}; feedback: {out / 'feedback'}/; {len(bad)} of {len(grades)} not ok")
+    grades = autograde(
+        course,
+        args.submissions,
+        out=out,
+        timeout=args.timeout,
+        progress=not args.no_progress,
+        sandbox=not args.no_sandbox,
+        workers=args.workers,
+        resume=args.resume,
+        shard=shard,
+        limits=limits,
+    )
+    _print_grades(grades, out)
+    return 0
+
+
+def cmd_merge_grades(args) -> int:
+    from .grading.autograde import merge_grades
+
+    out = Path(args.out)
+    grades = merge_grades(_course(args), args.parts, out=out)
+    _print_grades(grades, out)
+    return 0
+
+
+def cmd_student_dist(args) -> int:
+    from .grading.distribution import student_dist
+
+    dest = student_dist(_course(args), args.dest)
+    print(f"student-dist: wrote {dest} (course/, the library, the book; no solutions, no hidden tests)")
     return 0
 
 
@@ -179,9 +227,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("submissions", help="folder of <student>/<assignment>/*.ipynb")
     p.add_argument("--out", default="graded", help="where grades.csv and feedback/ go (default: ./graded)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per student and assignment (default 900)")
-    p.add_argument("--cell-timeout", type=int, default=300, help="seconds per cell before it is interrupted")
+    p.add_argument("--cell-timeout", type=int, default=300, help="seconds per cell or call of a student's function")
+    p.add_argument("--workers", type=int, default=None, help="submissions graded side by side (default: one per core)")
+    p.add_argument(
+        "--resume", action="store_true", help="skip submissions already graded unchanged (out/manifest.json)"
+    )
+    p.add_argument("--shard", help="grade only slice i of N (i/N, 0 <= i < N), e.g. $SLURM_ARRAY_TASK_ID/8")
+    p.add_argument("--memory-gb", type=float, default=8, help="address space of a sandbox process (default 8 GiB)")
+    p.add_argument(
+        "--no-sandbox",
+        action="store_true",
+        help="run the submissions' code without bubblewrap (only for notebooks you trust)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_autograde)
+
+    p = sub.add_parser("merge-grades", help="combine the --out folders of sharded autograde runs")
+    p.add_argument("parts", nargs="+", help="the --out folders of the shards")
+    p.add_argument("--out", default="graded", help="where the merged grades.csv and feedback/ go")
+    p.set_defaults(func=cmd_merge_grades)
+
+    p = sub.add_parser("student-dist", help="write what students get (folder or .tar.gz/.zip), without solutions")
+    p.add_argument("dest", help="a folder, or an archive name ending in .tar.gz, .tgz or .zip")
+    p.set_defaults(func=cmd_student_dist)
 
     p = sub.add_parser("selfcheck", help="solutions score full marks and releases score zero")
     p.add_argument("assignments", nargs="*", help="default: every assignment in solutions/")

@@ -113,6 +113,22 @@ def configure(c, course: Course) -> None:
     c.Exchange.root = str(course.work / "exchange")
     c.Execute.timeout = course.cell_timeout
     c.Execute.interrupt_on_timeout = True
+    # Autograde records what quantcourse's trusted grader signed and executes nothing: no ClearOutput
+    # (the outputs are the grader's), TrustedResults instead of Execute (see preprocessors.py).
+    c.Autograde.sanitize_preprocessors = [
+        "nbgrader.preprocessors.DeduplicateIds",
+        "nbgrader.preprocessors.OverwriteKernelspec",
+        "nbgrader.preprocessors.OverwriteCells",
+        "nbgrader.preprocessors.CheckCellMetadata",
+    ]
+    c.Autograde.autograde_preprocessors = [
+        "quantcourse.grading.preprocessors.TrustedResults",
+        "nbconvert.preprocessors.ClearMetadataPreprocessor",
+        "nbgrader.preprocessors.SaveAutoGrades",
+        "nbgrader.preprocessors.AssignLatePenalties",
+        "nbgrader.preprocessors.CheckCellMetadata",
+    ]
+    c.TrustedResults.key_file = str(course.work / "grader.key")
     # Feedback: keep hidden tests and their tracebacks away from students; math from a local copy.
     c.GenerateFeedback.preprocessors = [
         "nbgrader.preprocessors.GetGrades",

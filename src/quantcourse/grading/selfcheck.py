@@ -2,7 +2,9 @@
 
 Runs the real pipeline in a temporary course root: ``generate_assignment`` from the masters, then
 ``autograde`` of two submissions per assignment, the masters themselves (student ``solution``) and the
-fresh release (student ``release``). The repository's ``course/`` and ``.nbgrader/`` are not touched.
+fresh release (student ``release``), through the trusted path: the solution must score full marks with
+the functions its hidden tests forbid taken out of the sandbox's library. The repository's ``course/``
+and ``.nbgrader/`` are not touched. Without bubblewrap the (trusted) notebooks run unsandboxed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from .autograde import Grade, autograde, prepare
 from .config import Course, write_config
+from .sandbox import sandbox_problem
 
 __all__ = ["SelfCheck", "selfcheck"]
 
@@ -81,7 +84,7 @@ def selfcheck(
                 progress=progress,
                 generate=False,
                 feedback=False,
-                batch=True,
+                sandbox=sandbox_problem() is None,  # the masters and releases are the instructor's own
             )
             if (submissions.is_dir())
             else []
