@@ -38,6 +38,7 @@ SUBMODULES = (
     "qat",
     "pipeline",
     "gptq",
+    "nf4",
     "packing",
     "serialization",
     "gguf",
