@@ -38,10 +38,11 @@ else
 RUN_ENV = PATH="$(abspath $(BIN)):$$PATH" $(if $(filter 1,$(CUDA_AVAILABLE)),,TRITON_INTERPRET=1)
 endif
 
-.PHONY: help setup book test lint format test-unit test-solutions test-book selfcheck check-release release nbval-book clean
+.PHONY: help setup book screenshots test lint format test-unit test-solutions test-book selfcheck check-release release nbval-book clean
 
 help:
 	@echo "make book        set up .venv (if needed) and build the HTML book into _build/html"
+	@echo "make screenshots full-page screenshots of the built book's pages into _build/screenshots (Chromium)"
 	@echo "make test        set up .venv (if needed) and run every test (pytest, nbval, book build, selfcheck, release sync)"
 	@echo "make lint        ruff: lint and format check (make format rewrites the files)"
 	@echo "make nbval-book  run the book's notebooks cell by cell under nbval (for maintainers)"
@@ -65,7 +66,12 @@ $(STAMP):
 book: setup
 	$(RUN_ENV) $(PY) .ci/execute_book.py $(BOOK_CACHE) $(BOOK_TIMEOUT)
 	$(RUN_ENV) $(BIN)/jupyter-book build -W -n --keep-going .
+	$(PY) .ci/check_book_html.py _build/html
 	@echo "open _build/html/index.html in a browser"
+
+# Needs a built book (make book) and Chromium (Debian: apt-get install -y chromium); no download.
+screenshots: setup
+	$(PY) .ci/screenshots.py _build/html _build/screenshots
 
 # The book's notebooks execute once per run, in the book build (cached by jupyter-cache between runs).
 TEST_STEPS := lint test-unit test-solutions test-book selfcheck check-release
@@ -97,6 +103,7 @@ test-solutions: setup
 test-book: setup
 	$(RUN_ENV) $(PY) .ci/execute_book.py $(BOOK_CACHE) $(BOOK_TIMEOUT)
 	$(RUN_ENV) $(BIN)/jupyter-book build -W -n --keep-going .
+	$(PY) .ci/check_book_html.py _build/html
 
 selfcheck: setup
 	$(RUN_ENV) $(BIN)/quantcourse selfcheck

@@ -47,6 +47,27 @@ def test_perplexity_all_windows_and_batch_size_invariance(llama):
     assert all_windows == pytest.approx(_direct_perplexity(llama, tokens, 16, 4), rel=1e-5)
 
 
+def test_window_nll_holds_each_window_and_perplexity_is_their_mean(llama):
+    tokens = _tokens(3 * 16)
+    nll = evaluate.window_nll(llama, tokens, seq_len=16, n_windows=3, batch_size=2)
+    assert nll.shape == (3,) and nll.dtype == torch.float64
+    for i in range(3):  # each entry is that window's own perplexity, in log space
+        alone = evaluate.perplexity(llama, tokens[i * 16 : (i + 1) * 16], seq_len=16, n_windows=1)
+        assert math.exp(nll[i].item()) == pytest.approx(alone, rel=1e-5)
+    assert math.exp(nll.mean().item()) == pytest.approx(_direct_perplexity(llama, tokens, 16, 3), rel=1e-5)
+
+
+def test_perplexity_change_is_the_paired_ratio_with_its_standard_error():
+    base = torch.tensor([2.0, 2.5, 3.0, 2.2], dtype=torch.float64)
+    change, noise = evaluate.perplexity_change(base, base + torch.tensor([0.1, 0.3, 0.1, 0.3]))
+    assert change == pytest.approx(math.exp(0.2) - 1)
+    # standard error of the differences (std 0.11547 / sqrt 4), scaled by exp(0.2)
+    assert noise == pytest.approx(math.exp(0.2) * 0.2 / math.sqrt(3) / 2)
+    assert evaluate.perplexity_change(base, base) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same windows"):
+        evaluate.perplexity_change(base, base[:3])
+
+
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
     model = tiny_llama()
     with torch.no_grad():

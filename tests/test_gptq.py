@@ -6,15 +6,8 @@ import pytest
 import torch
 
 import quantcourse as qc
-from quantcourse.gptq import (
-    GPTQResult,
-    HessianCollector,
-    accumulate_hessian,
-    gptq_qparams,
-    gptq_quantize,
-    hessian_error,
-    rtn_quantize,
-)
+from quantcourse.gptq import HessianCollector, accumulate_hessian, gptq_quantize, hessian_error
+from quantcourse.weights import QuantizedWeight, rtn_quantize, weight_qparams
 
 
 def correlated_inputs(n_tokens, d, *, seed, dtype=torch.float64, skew=0.0):
@@ -47,7 +40,7 @@ def obq_reference(
     g, maxq = group_size or n, 2**n_bits - 1
 
     def grid(M):
-        qp = gptq_qparams(M, n_bits, symmetric=symmetric)
+        qp = weight_qparams(M, n_bits, symmetric=symmetric)
         return qp.scale[:, 0].double(), qp.zero_point[:, 0].double()
 
     params = {0: grid(W)} if group_size is None else {}
@@ -135,7 +128,7 @@ def test_identity_hessian_is_round_to_nearest():
 def test_result_fields_shapes_and_dtypes():
     W, H = layer(24, 64, seed=4, dtype=torch.float32)
     r = gptq_quantize(W.half(), H, 4, group_size=16, act_order=True)
-    assert isinstance(r, GPTQResult)
+    assert isinstance(r, QuantizedWeight)
     assert r.weight.shape == W.shape and r.weight.dtype == torch.float16
     assert r.codes.dtype == torch.uint8 and int(r.codes.max()) <= 15
     assert r.scale.shape == r.zero_point.shape == (24, 4)
@@ -225,49 +218,6 @@ def test_hessian_collector_shares_one_hessian_between_layers_fed_the_same_input(
     assert Hq is Hk and Ho is not Hq and torch.allclose(Ho, Hq)
 
 
-# ---- the grid (quant.py) -------------------------------------------------------------------------
-
-
-def test_grid_asymmetric_hand_worked_and_equal_to_choose_qparams():
-    W = torch.tensor([[-1.0, 0.5, 2.0], [0.5, 1.0, 1.5]])
-    qp = gptq_qparams(W, 2)  # maxq = 3
-    assert torch.allclose(qp.scale[:, 0], torch.tensor([1.0, 0.5]))  # ranges [-1, 2] and [0, 1.5]
-    assert qp.zero_point[:, 0].tolist() == [1, 0]
-    lib = qc.choose_qparams(W, 2, symmetric=False, granularity=qc.PerChannel(0))
-    assert torch.equal(qp.scale, lib.scale) and torch.equal(qp.zero_point, lib.zero_point)
-
-
-def test_grid_symmetric_uses_all_levels_with_zero_at_the_middle():
-    W = torch.tensor([[-3.5, 1.0, 3.5]])
-    qp = gptq_qparams(W, 3, symmetric=True)  # scale = 2 * 3.5 / 7 = 1, zero point 4
-    assert qp.scale.item() == 1.0 and qp.zero_point.item() == 4
-    codes = qc.quantize(W, qp)
-    assert codes.tolist() == [[0, 5, 7]]  # -3.5 -> round(-3.5) = -4 -> 0;  3.5 -> 8, clamped to 7
-    assert qc.dequantize(codes, qp).tolist() == [[-4.0, 1.0, 3.0]]  # one level more below 0 than above
-    assert not qp.symmetric  # unsigned codes: a zero-point QParams whose zero point is 2^(b-1)
-
-
-def test_grid_all_zero_row_gets_the_reference_range():
-    qp = gptq_qparams(torch.zeros(1, 4), 4)
-    assert qp.scale.item() == pytest.approx(2 / 15)
-    assert qp.zero_point.item() == 7  # round(1 / float32(2/15)) = round(7.4999996)
-    assert gptq_qparams(torch.zeros(1, 4), 4, symmetric=True).zero_point.item() == 8
-
-
-def test_grid_symmetric_quirk_for_rows_without_negative_values():
-    qp = gptq_qparams(torch.tensor([[0.0, 1.5]]), 4, symmetric=True)
-    assert qp.scale.item() == pytest.approx(1.5 / 15) and qp.zero_point.item() == 8
-
-
-def test_rtn_matches_the_library_primitives():
-    W = torch.randn(16, 64)
-    r = rtn_quantize(W, 4, group_size=16)
-    qp = gptq_qparams(W, 4, granularity=qc.PerGroup(16))
-    assert torch.equal(r.codes, qc.quantize(W, qp))
-    assert torch.equal(r.weight, qc.dequantize(qc.quantize(W, qp), qp))
-    assert r.loss is None and r.perm is None
-
-
 # ---- bad inputs: one test per message -------------------------------------------------------------
 
 
@@ -290,11 +240,6 @@ def test_error_bits_out_of_range(n_bits):
 def test_error_group_size_does_not_divide():
     with pytest.raises(ValueError, match="does not divide the 576 input columns.*allow_partial_group"):
         gptq_quantize(torch.randn(4, 576), torch.eye(576), 4, group_size=128)
-
-
-def test_error_group_size_not_positive():
-    with pytest.raises(ValueError, match="positive int"):
-        rtn_quantize(torch.randn(4, 8), 4, group_size=0)
 
 
 def test_error_nan_in_W():

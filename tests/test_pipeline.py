@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny_models import TINY_MODELS, VOCAB, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
-from quantcourse import gptq, pipeline, surgery
+from quantcourse import gptq, pipeline, surgery, weights
 
 CONFIGS = TINY_MODELS  # llama, opt, gpt2: 2 blocks, hidden 32
 
@@ -55,7 +55,7 @@ def test_next_block_sees_the_quantized_block(kind):
         first_linear_inputs.setdefault(name, []).append(X.clone())
 
     def rtn(name, linear):
-        linear.weight = torch.nn.Parameter(gptq.rtn_quantize(linear.weight, 3).weight, requires_grad=False)
+        linear.weight = torch.nn.Parameter(weights.rtn_quantize(linear.weight, 3).weight, requires_grad=False)
 
     pipeline.run_blockwise(model, calib(), collect=collect, quantize_linear=rtn, batch_size=3, progress=False)
     for name in first_linear_names(model):

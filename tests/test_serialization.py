@@ -10,7 +10,7 @@ from tiny_models import one_thread  # noqa: F401  (autouse fixture)
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 from transformers.utils import logging as hf_logging
 
-from quantcourse import gptq
+from quantcourse import gptq, surgery, weights
 from quantcourse.packing import packed_size
 from quantcourse.serialization import load_quantized, save_quantized
 
@@ -52,6 +52,30 @@ def test_reload_gives_identical_weights_and_logits(tmp_path, n_bits, group_size,
     x = CALIB[:2]
     assert torch.equal(fresh(x).logits, model(x).logits)
     assert back.config["n_bits"] == n_bits
+
+
+def test_a_codebook_format_round_trips(tmp_path):
+    """A non-uniform format (codes index a codebook, as NF4's do) is stored and read back exactly."""
+    model = tiny_llama()
+    codebook = torch.linspace(-1, 1, 16) ** 3  # non-uniform levels
+    layers = {}
+    for name, linear in surgery.find_linears(model).items():
+        W = linear.weight
+        scale = W.abs().reshape(W.shape[0], -1, 32).amax(-1)  # absmax per group of 32
+        codes = (W / scale.repeat_interleave(32, 1)).unsqueeze(-1).sub(codebook).abs().argmin(-1).to(torch.uint8)
+        zero = torch.zeros_like(scale, dtype=torch.int32)
+        weight = weights.dequantize_codes(
+            codes, scale, zero, weights.consecutive_g_idx(W.shape[1], 32), codebook=codebook
+        )
+        layers[name] = weights.QuantizedWeight(weight, codes, scale, zero, 4, 32, True, codebook=codebook)
+        linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    report = save_quantized(weights.QuantizedModel(model, layers, {"method": "codebook"}), tmp_path / "m.safetensors")
+    fresh = tiny_llama(seed=1)
+    back = load_quantized(report.path, fresh)
+    for name, r in layers.items():
+        assert torch.equal(back.layers[name].codebook, codebook)
+        assert torch.equal(back.layers[name].weight, r.weight)
+    assert torch.equal(fresh(CALIB[:2]).logits, model(CALIB[:2]).logits)
 
 
 def test_reported_bytes(tmp_path):

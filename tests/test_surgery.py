@@ -1,8 +1,10 @@
 """quantcourse.surgery on tiny Llama, OPT and GPT-2 models (random init, no download)."""
 
+import dataclasses
+
 import pytest
 import torch
-from tiny_models import TINY_MODELS, VOCAB, one_thread  # noqa: F401  (autouse fixture)
+from tiny_models import LLAMA_STYLE_MODELS, TINY_MODELS, VOCAB, one_thread, tiny_llama, tiny_opt  # noqa: F401
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -156,3 +158,205 @@ def test_linear_weight_matrices_are_views():
     weights = dict(surgery.linear_weight_matrices(model))
     assert len(weights) == 14
     assert weights["model.layers.0.mlp.down_proj"] is model.model.layers[0].mlp.down_proj.weight
+
+
+# ---- scale groups: which op feeds which linears (AWQ, SmoothQuant) -------------------------------------
+
+ALL_FAMILIES = {**TINY_MODELS, **LLAMA_STYLE_MODELS, "llama-mha": lambda: tiny_llama(num_key_value_heads=4)}
+
+# (name, prev, linears, inspect) per family, names relative to the block
+EXPECTED_GROUPS = {
+    "llama": [
+        (
+            "self_attn.q_proj",
+            "input_layernorm",
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            "self_attn",
+        ),
+        ("mlp.gate_proj", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        ("mlp.down_proj", "mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+    ],
+    "opt": [
+        (
+            "self_attn.q_proj",
+            "self_attn_layer_norm",
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            "self_attn",
+        ),
+        ("self_attn.out_proj", "self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"),
+        ("fc1", "final_layer_norm", ("fc1",), "fc1"),
+        ("fc2", "fc1", ("fc2",), "fc2"),
+    ],
+    "gpt2": [
+        ("attn.c_attn", "ln_1", ("attn.c_attn",), "attn"),
+        ("attn.c_proj", "attn.c_attn", ("attn.c_proj",), "attn.c_proj"),
+        ("mlp.c_fc", "ln_2", ("mlp.c_fc",), "mlp.c_fc"),
+    ],
+}
+_V_TO_O = ("self_attn.o_proj", "self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj")
+for _family in ("mistral", "qwen2", "llama-mha"):  # multi-head attention: v -> o is foldable
+    EXPECTED_GROUPS[_family] = [*EXPECTED_GROUPS["llama"][:1], _V_TO_O, *EXPECTED_GROUPS["llama"][1:]]
+
+
+def _randomise_vectors(model):
+    """Norm weights and biases away from their 1 / 0 initialisation, so that folding into them is tested."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_scale_groups_match_the_awq_reference(family):
+    block = surgery.decoder_blocks(surgery.as_plain_linears(ALL_FAMILIES[family]()))[0]
+    got = surgery.scale_groups(block)
+    m = lambda path: surgery.get_module(block, path)  # noqa: E731
+    expected = [(n, m(p), tuple(m(x) for x in ls), m(i)) for n, p, ls, i in EXPECTED_GROUPS[family]]
+    assert [g.name for g in got] == [e[0] for e in expected]
+    for g, (_, prev, linears, inspect) in zip(got, expected, strict=True):
+        assert g.prev is prev and g.inspect is inspect
+        assert len(g.linears) == len(linears) and all(a is b for a, b in zip(g.linears, linears, strict=True))
+        assert len({lin.in_features for lin in g.linears}) == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        got[0].name = "x"
+
+
+def test_scale_groups_skip_v_to_o_with_grouped_query_attention():
+    block = surgery.decoder_blocks(tiny_llama())[0]  # 2 key/value heads for 4 query heads: v is [16, 32]
+    assert block.self_attn.v_proj.weight.shape != block.self_attn.o_proj.weight.shape
+    assert block.self_attn.o_proj not in {lin for g in surgery.scale_groups(block) for lin in g.linears}
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_folding_scales_leaves_the_model_output_unchanged(family):
+    model = _randomise_vectors(surgery.as_plain_linears(ALL_FAMILIES[family]()))
+    tokens = _tokens()
+    with torch.no_grad():
+        before = model(tokens).logits
+        gen = torch.Generator().manual_seed(5)
+        changed = 0
+        for block in surgery.decoder_blocks(model):
+            for group in surgery.scale_groups(block):
+                weights_before = [lin.weight.clone() for lin in group.linears]
+                scales = torch.exp(torch.randn(group.linears[0].in_features, generator=gen))  # 0.1 .. 10
+                surgery.fold_scales(group, scales)
+                for lin, w in zip(group.linears, weights_before, strict=True):
+                    assert torch.allclose(lin.weight, w * scales)  # input columns scaled
+                    changed += 1
+        after = model(tokens).logits
+    assert changed >= 2 * 3
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_fold_scales_divides_a_linear_prev_by_its_last_rows():
+    """GPT-2's c_attn feeds c_proj through its value rows only: q and k rows stay as they were."""
+    block = surgery.decoder_blocks(surgery.as_plain_linears(TINY_MODELS["gpt2"]()))[0]
+    group = next(g for g in surgery.scale_groups(block) if g.name == "attn.c_proj")
+    w, b = block.attn.c_attn.weight.clone(), block.attn.c_attn.bias.clone()
+    scales = torch.full((32,), 2.0)
+    surgery.fold_scales(group, scales)
+    assert torch.equal(block.attn.c_attn.weight[:64], w[:64]) and torch.equal(block.attn.c_attn.bias[:64], b[:64])
+    assert torch.equal(block.attn.c_attn.weight[64:], w[64:] / 2) and torch.equal(
+        block.attn.c_attn.bias[64:], b[64:] / 2
+    )
+
+
+@pytest.mark.parametrize(
+    "scales,message",
+    [
+        (torch.ones(31), r"float tensor \[32\]"),
+        (torch.ones(32, dtype=torch.long), "float tensor"),
+        (torch.zeros(32), "positive and finite"),
+        (torch.full((32,), float("inf")), "positive and finite"),
+    ],
+)
+def test_error_fold_scales_bad_scales(scales, message):
+    group = surgery.scale_groups(surgery.decoder_blocks(tiny_llama())[0])[0]
+    with pytest.raises(ValueError, match=message):
+        surgery.fold_scales(group, scales)
+
+
+def test_error_fold_scales_into_an_unknown_op():
+    group = surgery.ScaleGroup("x", nn.GELU(), (nn.Linear(4, 4),), nn.GELU())
+    with pytest.raises(ValueError, match="cannot fold scales into a GELU: supported are nn.Linear"):
+        surgery.fold_scales(group, torch.ones(4))
+
+
+def test_error_scale_groups_of_an_unknown_block():
+    with pytest.raises(ValueError, match="cannot tell which norm feeds which linears in a Linear: supported .*Llama"):
+        surgery.scale_groups(nn.Linear(2, 2))
+
+
+def test_error_scale_groups_of_gpt2_before_as_plain_linears():
+    block = surgery.decoder_blocks(TINY_MODELS["gpt2"]())[0]
+    with pytest.raises(ValueError, match="as_plain_linears"):
+        surgery.scale_groups(block)
+
+
+def test_error_scale_groups_of_a_post_norm_opt():
+    model = tiny_opt()
+    block = surgery.decoder_blocks(model)[0]
+    block.do_layer_norm_before = False  # OPT-350m's layout
+    with pytest.raises(ValueError, match="do_layer_norm_before=False"):
+        surgery.scale_groups(block)
+
+
+# ---- record_inputs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", TINY_MODELS)
+def test_record_inputs_sees_what_each_linear_receives(family):
+    model = _model(family)
+    linears = surgery.find_linears(surgery.decoder_blocks(model)[1], prefix="model.")
+    expected: dict = {name: [] for name in linears}
+    handles = [
+        lin.register_forward_hook(lambda m, a, o, name=name: expected[name].append(a[0].reshape(-1, a[0].shape[-1])))
+        for name, lin in linears.items()
+    ]
+    with torch.no_grad():
+        model(_tokens())
+    for h in handles:
+        h.remove()
+    with surgery.record_inputs(linears) as got, torch.no_grad():
+        model(_tokens())
+    assert got.keys() == expected.keys()
+    for name in linears:
+        assert len(got[name]) == 1 and torch.equal(got[name][0], expected[name][0])
+        assert got[name][0].shape == (24, linears[name].in_features)  # [tokens, in]
+    assert not any(lin._forward_pre_hooks for lin in linears.values())  # hooks removed
+
+
+def test_record_inputs_hands_linears_fed_the_same_tensor_the_same_object():
+    model = tiny_llama()
+    block = surgery.decoder_blocks(model)[0]
+    calls = []
+    record = surgery.record_inputs(surgery.find_linears(block), lambda name, lin, X: calls.append((name, X)))
+    with record as got, torch.no_grad():
+        model(_tokens())
+    names = [name for name, _ in calls]
+    assert names == [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ]
+    X = dict(calls)
+    assert X["self_attn.q_proj"] is X["self_attn.k_proj"] is X["self_attn.v_proj"]
+    assert X["mlp.gate_proj"] is X["mlp.up_proj"] and X["mlp.up_proj"] is not X["self_attn.q_proj"]
+    assert all(v == [] for v in got.values())  # a callback gets the inputs instead
+
+
+def test_record_inputs_unflattened_and_hooks_removed_on_error():
+    model = tiny_llama()
+    q = surgery.decoder_blocks(model)[0].self_attn.q_proj
+    with pytest.raises(RuntimeError, match="boom"), surgery.record_inputs({"q": q}, flatten=False) as got:
+        with torch.no_grad():
+            model(_tokens(2, 5))
+        assert got["q"][0].shape == (2, 5, 32)
+        raise RuntimeError("boom")
+    assert not q._forward_pre_hooks

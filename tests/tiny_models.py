@@ -2,23 +2,54 @@
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 VOCAB = 128
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+# the shape every tiny Llama-style model shares
+_LLAMA_STYLE = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+)
+
+
+def tiny_llama(seed: int = 0, *, num_key_value_heads: int = 2) -> LlamaForCausalLM:
+    """Grouped-query attention by default (2 key/value heads for 4 query heads), as SmolLM2."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(LlamaConfig(**_LLAMA_STYLE, num_key_value_heads=num_key_value_heads)).eval()
+
+
+def tiny_mistral(seed: int = 0) -> MistralForCausalLM:
+    """Multi-head attention (as many key/value heads as query heads)."""
+    torch.manual_seed(seed)
+    return MistralForCausalLM(MistralConfig(**_LLAMA_STYLE, num_key_value_heads=4, head_dim=8)).eval()
+
+
+def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+    """Multi-head attention, and biases on q/k/v as Qwen2 has."""
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(**_LLAMA_STYLE, num_key_value_heads=4)).eval()
+    with torch.no_grad():  # transformers initialises biases to zero: make them matter
+        for block in model.model.layers:
+            for proj in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj):
+                proj.bias.normal_()
+    return model
 
 
 def tiny_opt(seed: int = 0) -> OPTForCausalLM:
@@ -44,6 +75,8 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
 
 
 TINY_MODELS = {"llama": tiny_llama, "opt": tiny_opt, "gpt2": tiny_gpt2}
+# Other Llama-style families, for what differs between them (attention layout, biases): tests of surgery.
+LLAMA_STYLE_MODELS = {"mistral": tiny_mistral, "qwen2": tiny_qwen2}
 
 
 @pytest.fixture(autouse=True)

@@ -37,6 +37,7 @@ SUBMODULES = (
     "activations",
     "qat",
     "pipeline",
+    "weights",
     "gptq",
     "nf4",
     "packing",

@@ -126,8 +126,9 @@ def calibrate_linear_inputs(
 ) -> dict[str, Observer]:
     """Run the calibration batches through ``model`` and let one observer watch each linear layer's input.
 
-    Forward pre-hooks on every ``nn.Linear`` (found by :func:`quantcourse.surgery.find_linears`) feed
-    the observers; the hooks are removed afterwards, even on error. The model is not changed.
+    Every ``nn.Linear`` (found by :func:`quantcourse.surgery.find_linears`) feeds its input to its
+    observer through :func:`quantcourse.surgery.record_inputs`; the hooks are removed afterwards, even
+    on error. The model is not changed.
 
     Args:
         model: a causal LM (or any module whose linears should be watched).
@@ -140,17 +141,10 @@ def calibrate_linear_inputs(
     factory = (lambda: make_observer(observer)) if isinstance(observer, str) else observer
     linears = surgery.find_linears(model, include_head=include_head)
     observers = {name: factory() for name in linears}
-    handles = [
-        linear.register_forward_pre_hook(lambda mod, args, obs=observers[name]: obs.update(args[0]))
-        for name, linear in linears.items()
-    ]
-    try:
-        device = next(model.parameters()).device
+    device = next(model.parameters()).device
+    with surgery.record_inputs(linears, lambda name, linear, x: observers[name].update(x), flatten=False):
         for batch in progress_bar(list(calibration_batches), desc="calibrating", disable=not progress, leave=False):
             model(batch.to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
     return observers
 
 

@@ -11,7 +11,7 @@ import torch
 
 from .progress import progress_bar
 
-__all__ = ["perplexity", "sqnr_db", "relative_error", "layer_output_error"]
+__all__ = ["perplexity", "window_nll", "perplexity_change", "sqnr_db", "relative_error", "layer_output_error"]
 
 
 @torch.no_grad()
@@ -37,6 +37,26 @@ def perplexity(
         batch_size: windows per forward pass.
         progress: show a tqdm bar.
     """
+    nll = window_nll(model, tokens, seq_len=seq_len, n_windows=n_windows, batch_size=batch_size, progress=progress)
+    return math.exp(nll.mean().item())  # every window scores seq_len - 1 tokens: the mean of means is the mean
+
+
+@torch.no_grad()
+def window_nll(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    *,
+    seq_len: int = 512,
+    n_windows: int | None = 8,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Mean next-token negative log-likelihood of each window: float64 ``[n_windows]``.
+
+    The windows of :func:`perplexity` (which is ``exp(window_nll(...).mean())``), kept apart so that
+    the spread between windows can say how much of a difference between two models is noise (see
+    :func:`perplexity_change`). Arguments as for :func:`perplexity`.
+    """
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.dtype not in (torch.int64, torch.int32):
         raise ValueError(
             f"tokens must be a 1-D integer tensor such as data.eval_tokens(tokenizer), got {_describe(tokens)}"
@@ -51,21 +71,43 @@ def perplexity(
         raise ValueError(f"{len(tokens)} tokens hold {available} windows of {seq_len}; asked for {n_windows}")
     device = next(model.parameters()).device
     windows = tokens[: n * seq_len].reshape(n, seq_len).long()  # [n, seq_len]
-    total_nll, total_count = 0.0, 0
+    nll = []
     was_training = model.training
     model.eval()  # no dropout while scoring; the mode is restored below
     try:
         for start in progress_bar(range(0, n, batch_size), desc="perplexity", disable=not progress, leave=False):
             batch = windows[start : start + batch_size].to(device)  # [b, seq_len]
             logits = model(batch, use_cache=False).logits.float()  # [b, seq_len, vocab]
-            nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-            )
-            total_nll += nll.item()
-            total_count += batch[:, 1:].numel()
+            token_nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none"
+            )  # [b, seq_len - 1]
+            nll.append(token_nll.double().mean(dim=1).cpu())
     finally:
         model.train(was_training)
-    return math.exp(total_nll / total_count)
+    return torch.cat(nll)
+
+
+def perplexity_change(base_nll: torch.Tensor, nll: torch.Tensor) -> tuple[float, float]:
+    """How much a model's perplexity differs from a baseline's on the same windows, and the noise in it.
+
+    Args:
+        base_nll: float ``[n_windows]`` from :func:`window_nll` of the baseline model.
+        nll: float ``[n_windows]`` of the other model, on the same windows.
+    Returns:
+        ``(change, noise)``: the relative change of perplexity, ``exp(mean(nll - base_nll)) - 1``
+        (0.05 = 5 % higher), and one standard error of it from the window-to-window spread of the
+        paired differences (0 with a single window). A change within about two standard errors of 0
+        is not a measured difference on this text.
+    """
+    if base_nll.shape != nll.shape or base_nll.dim() != 1:
+        raise ValueError(
+            f"need two 1-D tensors of per-window NLLs on the same windows, got {_describe(base_nll)} "
+            f"and {_describe(nll)}"
+        )
+    diff = nll.double() - base_nll.double()  # [n_windows]
+    mean = diff.mean().item()
+    stderr = diff.std().item() / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
+    return math.expm1(mean), math.exp(mean) * stderr  # d exp(m) = exp(m) dm
 
 
 def _describe(t) -> str:

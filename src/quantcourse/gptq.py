@@ -33,7 +33,7 @@ actorder=False, static_groups=False)``), step by step:
    group's parameters from the (dead-column-zeroed) original ``W`` before anything else, in the original
    column order, so that act-order keeps groups contiguous. Per-channel parameters (no ``group_size``) come
    from the original ``W`` before step 1, as in the reference.
-7. The grid is the reference's ``quant.py`` grid, see :func:`gptq_qparams`.
+7. The grid is the reference's ``quant.py`` grid, see :func:`quantcourse.weights.weight_qparams`.
 
 What ``n`` counts in ``H``: the reference averages over calibration *sequences*
 (``H = 2/N_seq Σ xxᵀ``); :func:`accumulate_hessian` takes ``X [tokens, in]`` and averages over
@@ -48,21 +48,18 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 import torch
 from torch import nn
 
-from .granularity import Granularity, PerChannel, PerGroup
-from .primitives import MIN_BITS, QParams, check_float_tensor, check_n_bits, choose_qparams
+from .pipeline import run_blockwise
+from .primitives import MIN_BITS, check_float_tensor
+from .weights import QuantizedModel, QuantizedWeight, check_weight, dequantize_codes, group_qparams, rtn_quantize
 
 __all__ = [
-    "GPTQResult",
     "accumulate_hessian",
-    "gptq_qparams",
     "gptq_quantize",
-    "rtn_quantize",
     "hessian_error",
     "HessianCollector",
     "quantize_model",
@@ -71,52 +68,6 @@ __all__ = [
 DAMP = 0.01  # percdamp of the reference
 BLOCK_SIZE = 128  # blocksize of the reference
 F = TypeVar("F", bound=Callable)
-
-
-@dataclass(frozen=True)
-class GPTQResult:
-    """A quantized weight matrix: integer codes, their parameters, and the dequantized weight.
-
-    Attributes:
-        weight: ``[out, in]``, the dtype of the input ``W``: the dequantized weight
-            ``scale[:, g_idx] * (codes - zero_point[:, g_idx])``.
-        codes: uint8 ``[out, in]`` in the original column order, each in ``[0, 2**n_bits - 1]``.
-        scale: float32 ``[out, n_groups]`` (``n_groups == 1`` per channel).
-        zero_point: int32 ``[out, n_groups]``.
-        g_idx: int64 ``[in]``: the group of each input column. ``arange(in) // group_size`` except with
-            act-order and dynamic groups, where groups follow the quantization order.
-        perm: int64 ``[in]``: the order the columns were quantized in (``None`` without act-order).
-        loss: ``Σ (w - q)² / d² / 2`` as the reference reports it (``None`` for round-to-nearest).
-        n_bits, group_size, symmetric: the settings used (``group_size=None``: per channel).
-    """
-
-    weight: torch.Tensor
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero_point: torch.Tensor
-    g_idx: torch.Tensor
-    perm: torch.Tensor | None
-    loss: float | None
-    n_bits: int
-    group_size: int | None
-    symmetric: bool
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``scale[:, g_idx] * (codes - zero_point[:, g_idx])`` as ``dtype``: equals ``weight``."""
-        return dequantize_codes(self.codes, self.scale, self.zero_point, self.g_idx, dtype)
-
-
-def dequantize_codes(
-    codes: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor,
-    g_idx: torch.Tensor,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Dequantize ``codes [out, in]`` with per-group ``scale``/``zero_point [out, n_groups]`` and ``g_idx [in]``."""
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    q = codes.to(compute) - zero_point[:, g_idx].to(compute)
-    return (scale[:, g_idx].to(compute) * q).to(dtype)
 
 
 def accumulate_hessian(H: torch.Tensor | None, n_seen: int, X: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -149,63 +100,10 @@ def accumulate_hessian(H: torch.Tensor | None, n_seen: int, X: torch.Tensor) -> 
     return H.to(dtype) * (n_seen / n) + Xs.T @ Xs, n
 
 
-def gptq_qparams(
-    W: torch.Tensor, n_bits: int, *, symmetric: bool = False, granularity: Granularity = PerChannel(0)
-) -> QParams:
-    """Scale and zero point on the reference's grid (``quant.py`` ``Quantizer.find_params``).
-
-    Both schemes use unsigned codes ``0 .. 2**n_bits - 1`` and dequantize as ``scale * (q - zero)``:
-
-    * asymmetric (the reference's default): exactly :func:`quantcourse.choose_qparams` with
-      ``symmetric=False`` (range widened to contain 0, ``scale = (max - min) / (2^b - 1)``,
-      ``zero = round(-min / scale)``), except that an all-zero row gets the range ``[-1, 1]`` as in
-      the reference instead of the library's tiny scale;
-    * symmetric: ``scale = 2·absmax / (2^b - 1)`` and ``zero = 2^(b-1)`` (8 at 4 bits), so the grid
-      spans ``[-2^(b-1), 2^(b-1) - 1]`` steps: all ``2^b`` levels, one more negative than positive. The
-      library's own symmetric scheme (``choose_qparams(symmetric=True)``: signed codes, ``zero = 0``,
-      ``2^b - 1`` levels, ``scale = absmax / (2^(b-1) - 1)``) is a different grid, which GPTQ does not use.
-      A quirk kept from the reference: a row with no negative value keeps ``min = 0``, so its scale is
-      ``max / (2^b - 1)`` while the zero point stays at the middle.
-
-    Returned as a zero-point :class:`~quantcourse.QParams` (``symmetric=False``, since the codes are
-    unsigned), so :func:`quantcourse.quantize` and :func:`quantcourse.dequantize` apply unchanged.
-
-    Args:
-        W: float ``[out, cols]``.
-        n_bits: 2..8.
-        symmetric: the reference's ``--sym``.
-        granularity: ``PerChannel(0)`` (one row each) or ``PerGroup(g)``.
-    """
-    check_n_bits(n_bits)
-    maxq = 2**n_bits - 1
-    if symmetric:
-        check_float_tensor(W, "W")
-        granularity.check(W)
-        Wf = W.detach().float()
-        lo = granularity.reduce(Wf, torch.amin).clamp(max=0)
-        hi = torch.maximum(-lo, granularity.reduce(Wf, torch.amax).clamp(min=0))
-        scale = torch.where(lo < 0, hi + hi, hi) / maxq  # [-hi, hi], or [0, hi] when nothing is negative
-        zero_point = torch.full_like(scale, 2 ** (n_bits - 1))
-    else:
-        qp = choose_qparams(W, n_bits, symmetric=False, granularity=granularity)
-        scale, zero_point = qp.scale, qp.zero_point.float()
-    # An all-zero row gets the range [-1, 1], computed as the reference computes it.
-    all_zero = granularity.reduce(W.detach().abs().float(), torch.amax) == 0
-    one = torch.ones((), device=W.device)
-    scale_1 = (one + one) / maxq
-    zero_1 = torch.full_like(one, 2 ** (n_bits - 1)) if symmetric else torch.round(one / scale_1)
-    scale = torch.where(all_zero, scale_1, scale)
-    zero_point = torch.where(all_zero, zero_1, zero_point)
-    return QParams(scale.float(), zero_point.to(torch.int32), n_bits, False, granularity)
-
-
 def _check_layer(
     W: torch.Tensor, H: torch.Tensor | None, n_bits: int, group_size: int | None, allow_partial_group: bool
 ) -> None:
-    check_float_tensor(W, "W")
-    if W.dim() != 2:
-        raise ValueError(f"W must be a 2-D weight [out, in], got shape {tuple(W.shape)}")
-    check_n_bits(n_bits)
+    check_weight(W, n_bits, group_size, allow_partial_group)
     if H is not None:
         check_float_tensor(H, "H")
         if H.dim() != 2 or H.shape[0] != H.shape[1]:
@@ -215,33 +113,6 @@ def _check_layer(
                 f"H is {tuple(H.shape)} but W has {W.shape[1]} input columns: "
                 f"H must be [{W.shape[1]}, {W.shape[1]}], accumulated from this layer's inputs"
             )
-    if group_size is None:
-        return
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int or None (per channel), got {group_size!r}")
-    if W.shape[1] % group_size and not allow_partial_group:
-        divisors = [g for g in (16, 32, 64, 128, 256) if W.shape[1] % g == 0]
-        raise ValueError(
-            f"group_size={group_size} does not divide the {W.shape[1]} input columns of W: choose a divisor "
-            f"(e.g. {divisors}) or pass allow_partial_group=True to accept a shorter last group, as the "
-            "reference code silently does"
-        )
-
-
-def _group_params(
-    W: torch.Tensor, n_bits: int, symmetric: bool, group_size: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every group's ``(scale, zero_point)`` ``[out, n_groups]`` from ``W`` in its current column order."""
-    if group_size is None:
-        qp = gptq_qparams(W, n_bits, symmetric=symmetric)
-        return qp.scale, qp.zero_point
-    full = W.shape[1] - W.shape[1] % group_size
-    parts = []
-    if full:
-        parts.append(gptq_qparams(W[:, :full], n_bits, symmetric=symmetric, granularity=PerGroup(group_size)))
-    if full < W.shape[1]:  # a shorter last group (allow_partial_group=True)
-        parts.append(gptq_qparams(W[:, full:], n_bits, symmetric=symmetric))
-    return torch.cat([p.scale for p in parts], 1), torch.cat([p.zero_point for p in parts], 1)
 
 
 def _one_thread(fn: F) -> F:
@@ -290,7 +161,7 @@ def gptq_quantize(
     damp: float = DAMP,
     block_size: int = BLOCK_SIZE,
     allow_partial_group: bool = False,
-) -> GPTQResult:
+) -> QuantizedWeight:
     """Quantize ``W`` with GPTQ (Algorithm 1 of the paper, as the reference's ``fasterquant``).
 
     Args:
@@ -299,7 +170,8 @@ def gptq_quantize(
         n_bits: 2..8.
         group_size: columns sharing a scale (``None``: one per output row). Must divide ``in`` unless
             ``allow_partial_group=True``.
-        symmetric: the reference's symmetric grid (see :func:`gptq_qparams`); asymmetric by default.
+        symmetric: the reference's symmetric grid (see :func:`quantcourse.weights.weight_qparams`); asymmetric by
+            default.
         act_order: quantize columns in descending order of ``diag(H)`` (the reference's ``--act-order``).
         static_groups: fix every group's parameters up front, in the original column order
             (``--static-groups``); needs ``group_size``.
@@ -308,7 +180,8 @@ def gptq_quantize(
         allow_partial_group: accept a shorter last group when ``group_size`` does not divide ``in``.
 
     Returns:
-        :class:`GPTQResult`; ``.weight`` has ``W``'s shape and dtype.
+        :class:`~quantcourse.weights.QuantizedWeight` with ``perm`` and ``loss`` set; ``.weight`` has ``W``'s
+        shape and dtype.
     """
     _check_layer(W, H, n_bits, group_size, allow_partial_group)
     if static_groups and group_size is None:
@@ -323,12 +196,12 @@ def gptq_quantize(
     Wq = W.detach().to(dtype).clone()
     H = H.detach().to(dtype).clone()
     if group_size is None:  # per-channel parameters come from W before dead columns are zeroed
-        scale, zero = _group_params(Wq, n_bits, symmetric, None)
+        scale, zero = group_qparams(Wq, n_bits, symmetric=symmetric)
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     Wq[:, dead] = 0
     if static_groups:
-        scale, zero = _group_params(Wq, n_bits, symmetric, group_size)
+        scale, zero = group_qparams(Wq, n_bits, symmetric=symmetric, group_size=group_size)
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else None
     if perm is not None:
         Wq, H = Wq[:, perm], H[perm][:, perm]
@@ -356,7 +229,7 @@ def gptq_quantize(
         for i in range(i2 - i1):
             col = i1 + i
             if dynamic and col % g == 0:  # a group begins: fix its parameters now, from Wt (not W1)
-                s, z = _group_params(Wt[col : col + g].T, n_bits, symmetric, None)
+                s, z = group_qparams(Wt[col : col + g].T, n_bits, symmetric=symmetric)
                 scale_t[col // g], zero_t[col // g] = s[:, 0], z[:, 0]
             s, z, w = scale_t[col_group[col]], zero_t[col_group[col]], W1[i]
             q = torch.div(w, s).round_().add_(z).clamp_(0, maxq)  # primitives.quantize, inlined
@@ -374,36 +247,9 @@ def gptq_quantize(
         g_idx = torch.empty_like(g_idx).scatter_(0, perm, g_idx)  # column perm[j] is in group j // g
     codes = codes.to(torch.uint8).contiguous()
     weight = dequantize_codes(codes, scale, zero, g_idx, W.dtype)
-    return GPTQResult(weight, codes, scale, zero, g_idx, perm, losses.sum().item(), n_bits, group_size, symmetric)
-
-
-@_one_thread
-def rtn_quantize(
-    W: torch.Tensor,
-    n_bits: int,
-    *,
-    group_size: int | None = None,
-    symmetric: bool = False,
-    allow_partial_group: bool = False,
-) -> GPTQResult:
-    """Round-to-nearest on the same grid as GPTQ: the baseline every table compares with.
-
-    Equal to :func:`gptq_quantize` with ``H = I`` (no correlations, nothing to compensate).
-
-    Args:
-        W: float ``[out, in]``; not modified.
-        n_bits, group_size, symmetric, allow_partial_group: as :func:`gptq_quantize`.
-
-    Returns:
-        :class:`GPTQResult` with ``loss=None`` and ``perm=None``.
-    """
-    _check_layer(W, None, n_bits, group_size, allow_partial_group)
-    scale, zero = _group_params(W.detach(), n_bits, symmetric, group_size)
-    g_idx = torch.arange(W.shape[1], device=W.device) // (group_size or W.shape[1])
-    s, z = scale[:, g_idx], zero[:, g_idx].float()
-    codes = torch.clamp(torch.round(W.detach().float() / s) + z, 0, 2**n_bits - 1).to(torch.uint8)
-    weight = dequantize_codes(codes, scale, zero, g_idx, W.dtype)
-    return GPTQResult(weight, codes, scale, zero, g_idx, None, None, n_bits, group_size, symmetric)
+    return QuantizedWeight(
+        weight, codes, scale, zero, n_bits, group_size, symmetric, g_idx=g_idx, perm=perm, loss=losses.sum().item()
+    )
 
 
 def hessian_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
@@ -465,7 +311,7 @@ def quantize_model(
     block_size: int = BLOCK_SIZE,
     batch_size: int = 8,
     progress: bool = True,
-):
+) -> QuantizedModel:
     """Quantize every linear layer of the decoder blocks, in place, block by block.
 
     GPTQ runs through :func:`quantcourse.pipeline.run_blockwise`: each block's Hessians come from the
@@ -483,15 +329,12 @@ def quantize_model(
         progress: a tqdm bar over the blocks.
 
     Returns:
-        :class:`quantcourse.serialization.QuantizedModel` (the model, every layer's codes and parameters,
+        :class:`quantcourse.weights.QuantizedModel` (the model, every layer's codes and parameters,
         timings), ready for :func:`quantcourse.serialization.save_quantized`.
     """
-    from .pipeline import run_blockwise
-    from .serialization import QuantizedModel
-
     if method not in ("gptq", "rtn"):
         raise ValueError(f"method must be 'gptq' or 'rtn', got {method!r}")
-    results: dict[str, GPTQResult] = {}
+    results: dict[str, QuantizedWeight] = {}
     seconds: dict[str, float] = {}
     hessians = HessianCollector()
 

@@ -92,23 +92,9 @@ class BlockContext:
         execution order. Linears fed the same tensor (q/k/v, gate/up) receive the very same ``X``
         object, so a collector can do shared work once (``X is previous_X``).
         """
-        last: list = [None, None]  # (input tensor, its [tokens, in] view) of the latest call
-
-        def hook(name: str) -> Callable:
-            def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-                x = args[0]
-                if x is not last[0]:
-                    last[:] = [x, x.reshape(-1, x.shape[-1])]
-                fn(name, module, last[1])
-
-            return record
-
-        handles = [linear.register_forward_hook(hook(name)) for name, linear in self.linears().items() if names(name)]
-        try:
+        linears = {name: linear for name, linear in self.linears().items() if names(name)}
+        with surgery.record_inputs(linears, fn):
             self.run()
-        finally:
-            for handle in handles:
-                handle.remove()
 
 
 def _check_calibration(calibration: torch.Tensor, batch_size: int) -> None:

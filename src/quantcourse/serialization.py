@@ -8,6 +8,7 @@ One ``.safetensors`` file holds, for every quantized linear layer ``name``::
     name.scale       float32 [out, n_groups]
     name.zero_point  uint8  [out, ceil(n_groups * n_bits / 8)]  zero points, packed like the codes
     name.g_idx       int32  [in]   only when groups are not consecutive (act-order, dynamic groups)
+    name.codebook    float32 [2**n_bits]  only for a non-uniform format (NF4, FP4): the value of each code
 
 plus every other tensor of the model (embeddings, norms, biases) as it is, once (tied weights are
 stored once and re-tied on load), and a JSON description of the layers in the file's metadata.
@@ -19,40 +20,21 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import surgery
-from .gptq import GPTQResult, dequantize_codes
 from .packing import pack_codes, unpack_codes
+from .weights import QuantizedModel, QuantizedWeight, consecutive_g_idx, dequantize_codes
 
-__all__ = ["QuantizedModel", "SaveReport", "save_quantized", "load_quantized"]
+__all__ = ["SaveReport", "save_quantized", "load_quantized"]
 
 _FORMAT = "quantcourse-weight-only-v1"
-
-
-@dataclass(frozen=True)
-class QuantizedModel:
-    """A model whose linear layers were quantized, with what is needed to store it.
-
-    Attributes:
-        model: the model; its quantized linears hold the dequantized weights.
-        layers: per qualified linear name, the codes and parameters (:class:`~quantcourse.gptq.GPTQResult`).
-        config: the settings used (method, n_bits, group_size, ...).
-        seconds: wall time of the whole quantization.
-        layer_seconds: per linear name, the time spent quantizing that layer alone.
-    """
-
-    model: nn.Module
-    layers: dict[str, GPTQResult]
-    config: dict[str, Any]
-    seconds: float = 0.0
-    layer_seconds: dict[str, float] = field(default_factory=dict)
+_LAYER_PARTS = ("qweight", "scale", "zero_point", "g_idx", "codebook")
 
 
 @dataclass(frozen=True)
@@ -79,20 +61,16 @@ class SaveReport:
         return 8 * self.quantized_bytes / self.n_quantized_weights
 
 
-def _trivial_g_idx(result: GPTQResult) -> bool:
-    n_cols = result.codes.shape[1]
-    expected = torch.arange(n_cols, device=result.g_idx.device) // (result.group_size or n_cols)
-    return torch.equal(result.g_idx, expected)
-
-
-def _layer_tensors(name: str, r: GPTQResult) -> dict[str, torch.Tensor]:
+def _layer_tensors(name: str, r: QuantizedWeight) -> dict[str, torch.Tensor]:
     tensors = {
         f"{name}.qweight": pack_codes(r.codes, r.n_bits),
         f"{name}.scale": r.scale.float(),
         f"{name}.zero_point": pack_codes(r.zero_point, r.n_bits),
     }
-    if not _trivial_g_idx(r):
+    if not r.has_consecutive_groups:
         tensors[f"{name}.g_idx"] = r.g_idx.to(torch.int32)
+    if r.codebook is not None:
+        tensors[f"{name}.codebook"] = r.codebook.float().clone()  # one codebook object may serve many layers
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
@@ -100,7 +78,8 @@ def save_quantized(qmodel: QuantizedModel, path: str | os.PathLike) -> SaveRepor
     """Write ``qmodel`` to one safetensors file and report the bytes actually saved.
 
     Args:
-        qmodel: from :func:`quantcourse.gptq.quantize_model` (or any method producing one).
+        qmodel: a :class:`~quantcourse.weights.QuantizedModel`, from :func:`quantcourse.gptq.quantize_model`
+            or any other weight-only method.
         path: the ``.safetensors`` file to write.
     """
     path = Path(path)
@@ -148,8 +127,8 @@ def load_quantized(path: str | os.PathLike, model: nn.Module) -> QuantizedModel:
         model: a model of the same architecture, e.g. a fresh ``load_model()``.
 
     Returns:
-        :class:`QuantizedModel` with the codes and parameters read back (``perm`` and ``loss`` are not
-        stored, so they are ``None``).
+        :class:`~quantcourse.weights.QuantizedModel` with the codes and parameters read back (``perm`` and
+        ``loss`` are not stored, so they are ``None``).
     """
     from safetensors import safe_open
 
@@ -172,20 +151,23 @@ def load_quantized(path: str | os.PathLike, model: nn.Module) -> QuantizedModel:
                 "in the file: load into a model of the same architecture"
             )
         linear.weight = nn.Parameter(layers[name].weight, requires_grad=False)
-    quantized_keys = {f"{name}.{part}" for name in layers for part in ("qweight", "scale", "zero_point", "g_idx")}
+    quantized_keys = {f"{name}.{part}" for name in layers for part in _LAYER_PARTS}
     floats = {k: v for k, v in tensors.items() if k not in quantized_keys}
     floats.update({key: floats[kept] for key, kept in json.loads(metadata["aliases"]).items()})
     model.load_state_dict(floats, strict=False)
     return QuantizedModel(model, layers, json.loads(metadata["config"]))
 
 
-def _read_layer(tensors: dict[str, torch.Tensor], name: str, meta: dict) -> GPTQResult:
+def _read_layer(tensors: dict[str, torch.Tensor], name: str, meta: dict) -> QuantizedWeight:
     out_f, in_f = meta["shape"]
     n_bits, group_size = meta["n_bits"], meta["group_size"]
     scale = tensors[f"{name}.scale"]
     codes = unpack_codes(tensors[f"{name}.qweight"], n_bits, in_f)
     zero_point = unpack_codes(tensors[f"{name}.zero_point"], n_bits, scale.shape[1]).to(torch.int32)
     g_idx = tensors.get(f"{name}.g_idx")
-    g_idx = torch.arange(in_f) // (group_size or in_f) if g_idx is None else g_idx.long()
-    weight = dequantize_codes(codes, scale, zero_point, g_idx, getattr(torch, meta["dtype"]))
-    return GPTQResult(weight, codes, scale, zero_point, g_idx, None, None, n_bits, group_size, meta["symmetric"])
+    g_idx = consecutive_g_idx(in_f, group_size) if g_idx is None else g_idx.long()
+    codebook = tensors.get(f"{name}.codebook")
+    weight = dequantize_codes(codes, scale, zero_point, g_idx, getattr(torch, meta["dtype"]), codebook=codebook)
+    return QuantizedWeight(
+        weight, codes, scale, zero_point, n_bits, group_size, meta["symmetric"], g_idx=g_idx, codebook=codebook
+    )

@@ -29,7 +29,7 @@ def _check_matrix(x: torch.Tensor, fmt: type[BlockFormat]) -> None:
             f"{fmt.name} needs rows whose length is a multiple of {fmt.block_size}, got {x.shape[1]} columns; "
             "llama.cpp falls back to another type for such tensors (see quantcourse.gguf.tensor_type)"
         )
-    if not torch.isfinite(x).all():
+    if x.numel() and not all(torch.isfinite(m) for m in torch.aminmax(x)):  # one pass; NaN makes both NaN
         raise ValueError("x contains NaN or Inf; llama.cpp refuses such weights, and so do we")
 
 

@@ -89,17 +89,33 @@ def trunc_to_byte(v: torch.Tensor) -> torch.Tensor:
     The float is truncated to int32 (``cvttss2si``: NaN and out-of-range give INT_MIN), and
     the low byte is kept. Returns int32 in 0..255 (the byte's bit pattern).
     """
+    if v.numel() and _within_int32(v):
+        # The usual case, in two passes: every value converts, and float -> int32 truncates like C.
+        return v.to(torch.int32) & 0xFF
     t = v.trunc()
     ok = t.abs() < 2.0**31  # False for NaN and +-inf too
     as_int = torch.where(ok, t, torch.zeros_like(t)).to(torch.int32)
     return torch.where(ok, as_int, torch.full_like(as_int, _INT_MIN)) & 0xFF
 
 
+def _within_int32(v: torch.Tensor) -> bool:
+    """All of float32 ``v`` finite and inside int32's range (one pass; a NaN makes both ends NaN)."""
+    lo, hi = torch.aminmax(v)
+    return bool(lo >= -(2.0**31)) and bool(hi < 2.0**31)
+
+
 def round_away(v: torch.Tensor) -> torch.Tensor:
-    """C ``roundf``: round half away from zero (float32 in, float32 out)."""
-    t = v.trunc()
-    frac = (v - t).abs()  # exact in float32
-    return torch.where(frac >= 0.5, t + torch.sign(v), t)
+    """C ``roundf``: round half away from zero (float32 in, float32 out).
+
+    gguf-py's ``np_roundf``: with ``a = |v|`` and ``f = floor(a)``, the fraction ``a − f`` and its double
+    are exact in float32, so ``f + floor(2·(a − f))`` steps up exactly when the fraction reaches 0.5; the
+    sign goes back on last. (``v + 0.5`` would not do: 0.49999997 + 0.5 rounds to 1 in float32. And
+    floor, not trunc: this torch build's CPU ``trunc`` is not vectorized and runs 30 times slower.)
+    For ±inf the fraction is NaN, which ``nan_to_num_`` turns into a zero step.
+    """
+    a = v.abs()
+    f = a.floor()
+    return torch.copysign(a.sub_(f).mul_(2).floor_().nan_to_num_(0.0, 0.0, 0.0).add_(f), v)
 
 
 def fp16_bits(f: torch.Tensor) -> torch.Tensor:
@@ -117,10 +133,21 @@ def first_absmax(x: torch.Tensor, dim: int) -> torch.Tensor:
 
     ``if (amax < fabsf(v)) { amax = fabsf(v); max = v; }`` of the C code (starting from 0,
     so an all-zero block gives +0).
+
+    It is the larger in magnitude of the minimum and the maximum (``argmax`` is 5x slower on CPU). Only where the
+    two tie in magnitude (``max == −min``, all-zero blocks included) does the order decide, and only a
+    NaN makes both NaN: those few blocks are redone with ``argmax`` (first occurrence; a NaN never wins).
     """
-    a = x.abs()
-    idx = torch.where(torch.isnan(a), torch.full_like(a, -1.0), a).argmax(dim=dim, keepdim=True)  # NaN never wins in C
-    top = x.gather(dim, idx).squeeze(dim)
+    if x.ndim == 1:
+        return first_absmax(x.unsqueeze(1), 0).squeeze(0)
+    lo, hi = x.amin(dim=dim), x.amax(dim=dim)  # two passes, yet 4x faster than aminmax(dim=) on CPU
+    top = torch.where(-lo > hi, lo, hi)
+    redo = ((hi == -lo) | torch.isnan(top)).nonzero(as_tuple=True)
+    if len(redo[0]):
+        xs = x.movedim(dim, -1)[redo]  # [k, n]
+        a = xs.abs()
+        a = torch.where(torch.isnan(a), torch.full_like(a, -1.0), a)
+        top[redo] = xs.gather(-1, a.argmax(dim=-1, keepdim=True)).squeeze(-1)
     return torch.where(top.abs() > 0, top, torch.zeros_like(top))
 
 

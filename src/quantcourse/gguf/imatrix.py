@@ -4,7 +4,7 @@ Chapter 11 (GGUF). llama.cpp's ``llama-imatrix`` tool runs calibration text thro
 for every matrix multiplied by activations, accumulates the squares of its input activations per
 input column; it stores the mean over tokens, ``imatrix[j] = Σ_t x_tj² / T``. Given that vector,
 ``quantize_row_q*_K_impl`` weights each weight's error by it (see :func:`quantcourse.gguf.quantize`).
-Here the statistics are gathered with forward hooks on the ``nn.Linear`` layers.
+Here the statistics are gathered from the ``nn.Linear`` layers' inputs (:func:`quantcourse.surgery.record_inputs`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import gguf
 import torch
 
 from ..progress import progress_bar
-from ..surgery import find_linears
+from ..surgery import find_linears, record_inputs
 
 __all__ = ["compute_imatrix"]
 
@@ -25,7 +25,7 @@ def compute_imatrix(
     """Mean squared input activation per input column of every linear layer.
 
     Args:
-        model: a transformers Llama-family causal LM. Not modified (hooks are removed afterwards).
+        model: a transformers Llama-family causal LM. Not modified (the hooks are removed afterwards).
         tokens: int64 ``[n_samples, seq_len]`` calibration sequences (``quantcourse.data.calibration_samples``).
         include_head: also collect the output projection's input (llama.cpp does).
     Returns:
@@ -37,22 +37,16 @@ def compute_imatrix(
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
-    def hook(name):
-        def fn(module, inputs, output):
-            X = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float32)  # [tokens, in]
-            sums[name] = sums.get(name, 0) + (X * X).sum(dim=0)
-            counts[name] = counts.get(name, 0) + X.shape[0]
+    linears = find_linears(model, include_head=include_head)
+    gguf_names = {name: names.get_name(name + ".weight", try_suffixes=(".weight",)) or name for name in linears}
 
-        return fn
+    def accumulate(name: str, linear: torch.nn.Module, X: torch.Tensor) -> None:
+        X = X.to(torch.float32)  # [tokens, in]
+        gname = gguf_names[name]
+        sums[gname] = sums.get(gname, 0) + (X * X).sum(dim=0)
+        counts[gname] = counts.get(gname, 0) + X.shape[0]
 
-    handles = []
-    for hf_name, lin in find_linears(model, include_head=include_head).items():
-        gname = names.get_name(hf_name + ".weight", try_suffixes=(".weight",)) or hf_name
-        handles.append(lin.register_forward_hook(hook(gname)))
-    try:
+    with record_inputs(linears, accumulate):
         for row in progress_bar(tokens, desc="imatrix", disable=not progress):
             model(row[None])
-    finally:
-        for h in handles:
-            h.remove()
     return {name: (sums[name] / counts[name]).to(torch.float32) for name in sums}

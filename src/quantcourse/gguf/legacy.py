@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import BlockFormat, half_from_bytes, le_bytes, split_bytes
+from .base import BlockFormat, half_from_bytes, split_bytes
 from .cfloat import first_absmax, fp16_bits, recip, round_away, seq_sum, sqrtf, trunc_to_byte
 from .search import make_qkx2_quants, make_qx_quants
 
@@ -49,9 +49,38 @@ def _weighted_search(blocks: torch.Tensor, weights: torch.Tensor, symmetric: boo
     return make_qkx2_quants(x, w, nmax=nmax, rmin=-0.9, rdelta=0.05, nstep=36, use_mad=False)
 
 
+def _first_min_max(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``if (v < min) min = v; if (v > max) max = v;`` over each block of float32 ``[B, n]``: ``[B]``, ``[B]``.
+
+    The values are those of ``amin``/``amax``; only the sign of a zero extreme depends on which zero
+    comes first, which they leave open, so those few blocks are redone with ``argmin``/``argmax``
+    (first occurrence, and slow on CPU), whose stored half then has the C code's sign bit.
+    """
+    lo, hi = blocks.amin(dim=1), blocks.amax(dim=1)  # 4x faster than aminmax(dim=1) on CPU
+    zero = ((lo == 0) | (hi == 0)).nonzero().squeeze(1)
+    if len(zero):
+        b = blocks[zero]
+        lo[zero] = b.gather(1, b.argmin(dim=1, keepdim=True)).squeeze(1)
+        hi[zero] = b.gather(1, b.argmax(dim=1, keepdim=True)).squeeze(1)
+    return lo, hi
+
+
 def _signed(byte: torch.Tensor) -> torch.Tensor:
     """A byte pattern 0..255 read as ``int8_t``."""
     return (byte ^ 0x80) - 0x80
+
+
+def _c_int8(v: torch.Tensor) -> torch.Tensor:
+    """C's ``(int8_t)v`` for float32 ``v``: int32 in -128..127.
+
+    Usually every value already fits, and the cast is float -> int32 truncation (two passes);
+    otherwise the low byte of the x86 conversion, as :func:`trunc_to_byte` computes it.
+    """
+    if v.numel():
+        lo, hi = torch.aminmax(v)
+        if bool(lo > -129) and bool(hi < 128):
+            return v.to(torch.int32)
+    return _signed(trunc_to_byte(v))
 
 
 def _safe_recip(d: torch.Tensor) -> torch.Tensor:
@@ -64,10 +93,15 @@ def _nibbles(q: torch.Tensor) -> torch.Tensor:
     return ((q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)).to(torch.uint8)
 
 
+_BYTE_PLACES = 2.0 ** torch.arange(8)  # float32 [8]
+
+
 def _fifth_bits(q: torch.Tensor) -> torch.Tensor:
     """codes ``[B, 32]`` -> ``qh`` ``[B, 4]``: bit ``j`` of the little-endian uint32 = bit 4 of code ``j``."""
-    bits = ((q >> 4) & 1).to(torch.int64) << torch.arange(32, device=q.device)
-    return le_bytes(bits.sum(dim=1), 4)
+    bit = ((q >> 4) & 1).to(torch.float32).view(-1, 4, 8)  # bit 8k + i of the uint32 is bit i of byte k
+    # A float product with 1, 2, ..., 128 sums the bits of a byte exactly (at most 255), and runs about
+    # twice as fast as shifting and adding integers here.
+    return (bit @ _BYTE_PLACES.to(q.device)).to(torch.uint8)
 
 
 def _unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
@@ -97,8 +131,8 @@ class Q8_0(BlockFormat):
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
         d = blocks.abs().amax(dim=1) / 127  # [B]
-        q = trunc_to_byte(round_away(blocks * _safe_recip(d)[:, None]))
-        return torch.cat([fp16_bits(d), q.to(torch.uint8)], dim=1)
+        q = _c_int8(round_away(blocks * _safe_recip(d)[:, None]))
+        return torch.cat([fp16_bits(d), q.to(torch.int8).view(torch.uint8)], dim=1)
 
     @classmethod
     def dequantize_blocks(cls, data: torch.Tensor) -> torch.Tensor:
@@ -128,7 +162,7 @@ class Q4_0(BlockFormat):
             res = _weighted_search(blocks, imatrix, True, 8)
             return torch.cat([fp16_bits(res.scale), _nibbles(res.L.T)], dim=1)
         d = first_absmax(blocks, 1) / -8
-        q = _signed(trunc_to_byte(blocks * _safe_recip(d)[:, None] + 8.5)).clamp(max=15) & 0xFF
+        q = _c_int8(blocks * _safe_recip(d)[:, None] + 8.5).clamp_(max=15)  # packing keeps the low nibble
         return torch.cat([fp16_bits(d), _nibbles(q)], dim=1)
 
     @classmethod
@@ -154,10 +188,9 @@ class Q4_1(BlockFormat):
 
     @classmethod
     def _codes(cls, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        lo = blocks.gather(1, blocks.argmin(dim=1, keepdim=True)).squeeze(1)
-        hi = blocks.gather(1, blocks.argmax(dim=1, keepdim=True)).squeeze(1)
+        lo, hi = _first_min_max(blocks)
         d = (hi - lo) / cls.n_levels
-        q = trunc_to_byte((blocks - lo[:, None]) * _safe_recip(d)[:, None] + 0.5)
+        q = _c_int8((blocks - lo[:, None]) * _safe_recip(d)[:, None] + 0.5)  # the low byte, all packing reads
         return d, lo, q
 
     @classmethod
@@ -167,7 +200,7 @@ class Q4_1(BlockFormat):
             res = _weighted_search(blocks, imatrix, False, cls.n_levels)
             return torch.cat([fp16_bits(res.scale), fp16_bits(-res.min), cls._pack(res.L.T)], dim=1)
         d, lo, q = cls._codes(blocks)
-        q = _signed(q).clamp(max=15) & 0xFF
+        q = q.clamp_(max=15)
         return torch.cat([fp16_bits(d), fp16_bits(lo), _nibbles(q)], dim=1)
 
     @staticmethod
@@ -204,7 +237,7 @@ class Q5_0(BlockFormat):
             L = res.L.T
             return torch.cat([fp16_bits(res.scale), _fifth_bits(L), _nibbles(L)], dim=1)
         d = first_absmax(blocks, 1) / -16
-        q = _signed(trunc_to_byte(blocks * _safe_recip(d)[:, None] + 16.5)).clamp(max=31) & 0xFF
+        q = _c_int8(blocks * _safe_recip(d)[:, None] + 16.5).clamp_(max=31)
         return torch.cat([fp16_bits(d), _fifth_bits(q), _nibbles(q)], dim=1)
 
     @classmethod
