@@ -40,6 +40,7 @@ SUBMODULES = (
     "weights",
     "gptq",
     "nf4",
+    "qlora",
     "packing",
     "serialization",
     "gguf",
