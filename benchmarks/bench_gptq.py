@@ -22,6 +22,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -33,18 +34,15 @@ from quantcourse.evaluate import perplexity
 from quantcourse.models import load_model
 from quantcourse.pipeline import capture_block_inputs, run_blockwise
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import measure  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results" / "gptq.md"
 
 
 def timed(fn, *args, repeat=3):
-    """Best wall time of ``repeat`` calls (after one warm-up)."""
-    fn(*args)
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn(*args)
-        best = min(best, time.perf_counter() - start)
-    return best
+    """Median wall time of ``repeat`` calls after one warm-up (the shared statistic, benchmarks/harness.py)."""
+    return measure(lambda: fn(*args), repeats=repeat).wall
 
 
 def matrix_algebra_seconds(out_f: int, in_f: int, block_size: int = 128) -> tuple[float, float]:

@@ -20,31 +20,14 @@ optimum-quanto takes ~10-30 s). Writes ``benchmarks/results/primitives.md``.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from harness import check_equal, environment_lines, measure
 
 import quantcourse as qc
 
 RESULTS = Path(__file__).parent / "results" / "primitives.md"
-
-
-def median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
-    fn()  # warm-up: allocator, lazy imports, quanto's first-call dispatch
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()  # on a GPU, wait for the kernels before stopping the clock
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def quanto_int8(W: torch.Tensor):
@@ -80,13 +63,14 @@ def quanto_int4(W: torch.Tensor, group_size: int):
 def check_int8(W: torch.Tensor) -> None:
     qp = qc.choose_qparams(W, 8, symmetric=True, granularity=qc.PerChannel(0))
     ref = quanto_int8(W)()
-    assert torch.equal(qc.quantize(W, qp), ref._data) and torch.equal(qp.scale, ref._scale)
+    check_equal(qc.quantize(W, qp), ref._data, what="int8 per-channel codes against quanto's")
+    check_equal(qp.scale, ref._scale, what="int8 per-channel scales against quanto's")
 
 
 def check_int4(W: torch.Tensor, group_size: int) -> None:
     ref = quanto_int4(W, group_size)().dequantize()
     ours = qc.fake_quantize(W, 4, symmetric=False, granularity=qc.PerGroup(group_size))
-    assert torch.equal(ours, ref), "int4 results differ from quanto's"
+    check_equal(ours, ref, what=f"int4 group-{group_size} fake-quantized values against quanto's")
 
 
 def run_scheme(W, n_bits, symmetric, granularity, quanto_quantize, repeats, sync, torch_fake=None) -> list[dict]:
@@ -106,59 +90,40 @@ def run_scheme(W, n_bits, symmetric, granularity, quanto_quantize, repeats, sync
         "dequantize": qt.dequantize,
         "fake_quantize": lambda: quanto_quantize().dequantize(),
     }
+
+    def seconds(fn) -> float:
+        return measure(fn, repeats=repeats, sync=sync).wall
+
     rows = []
     for op in ours:
         rows.append(
             {
                 "op": op,
-                "ours": median_seconds(ours[op], repeats, sync),
-                "quanto": median_seconds(theirs[op], repeats, sync),
-                "torch": median_seconds(torch_fake, repeats, sync) if torch_fake and op == "fake_quantize" else None,
+                "ours": seconds(ours[op]),
+                "quanto": seconds(theirs[op]),
+                "torch": seconds(torch_fake) if torch_fake and op == "fake_quantize" else None,
             }
         )
     return rows
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_description(device: torch.device) -> list[str]:
-    from importlib.metadata import version
-
-    lines = [
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-        f"- CPU: {cpu_name()}, {os.cpu_count()} logical cores",
-        f"- Python {platform.python_version()}, torch {torch.__version__}, optimum-quanto {version('optimum-quanto')}",
-    ]
-    if hasattr(os, "getloadavg"):
-        lines.append(
-            f"- load average when the run started: {os.getloadavg()[0]:.1f} "
-            "(other processes sharing the cores slow every column alike)"
-        )
-    return lines
-
-
-def format_table(rows: list[dict], n_bytes: int, n_elements: int) -> str:
+def format_table(rows: list[dict], n_bytes: int, n_elements: int, copy_seconds: float) -> str:
     header = (
         "| scheme | operation | quantcourse ms | quanto ms | torch ms | quantcourse GB/s | quanto GB/s "
-        "| quantcourse M elem/s | speed-up vs quanto |"
+        "| quantcourse M elem/s | speed-up vs quanto | quantcourse / copy time |"
     )
-    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         torch_ms = f"{r['torch'] * 1e3:.1f}" if r["torch"] is not None else ""
         lines.append(
             f"| {r['scheme']} | {r['op']} | {r['ours'] * 1e3:.1f} | {r['quanto'] * 1e3:.1f} | {torch_ms} "
             f"| {n_bytes / r['ours'] / 1e9:.2f} | {n_bytes / r['quanto'] / 1e9:.2f} "
-            f"| {n_elements / r['ours'] / 1e6:.0f} | {r['quanto'] / r['ours']:.2f}x |"
+            f"| {n_elements / r['ours'] / 1e6:.0f} | {r['quanto'] / r['ours']:.2f}x | {r['ours'] / copy_seconds:.1f}x |"
         )
+    lines.append(
+        f"| memory bound | a plain copy of the matrix (`clone`) | {copy_seconds * 1e3:.1f} | | "
+        f"| {n_bytes / copy_seconds / 1e9:.2f} | | {n_elements / copy_seconds / 1e6:.0f} | | 1.0x |"
+    )
     return "\n".join(lines)
 
 
@@ -184,15 +149,17 @@ def main(argv: list[str] | None = None) -> None:
     sections = [
         f"# Primitives throughput: {args.size} x {args.size} float32",
         "",
-        f"Produced by `python benchmarks/bench_primitives.py`; median of {args.repeats} runs after a warm-up. "
-        "Results were checked equal to quanto's before timing. GB/s counts float32 bytes of the matrix "
-        "(input of quantize/fake_quantize, output of dequantize).",
+        f"Produced by `python benchmarks/bench_primitives.py`; median wall time of {args.repeats} runs after a "
+        "warm-up (benchmarks/harness.py). Results were checked equal to quanto's before timing. GB/s counts float32 "
+        "bytes of the matrix (input of quantize/fake_quantize, output of dequantize). The last row is the memory "
+        "bound: a plain copy of the same matrix reads and writes it once; 'quantcourse / copy time' says how far "
+        "each operation is from it.",
         "",
-        *machine_description(device),
+        *environment_lines(["optimum-quanto"], device=str(device)),
     ]
     for threads in args.threads or [torch.get_num_threads()]:
         torch.set_num_threads(threads)
-        sections += ["", f"## {threads} thread{'s' if threads > 1 else ''}", "", measure(W, args)]
+        sections += ["", f"## {threads} thread{'s' if threads > 1 else ''}", "", scheme_tables(W, args)]
     report = "\n".join(sections) + "\n"
     print(report)
     if str(args.out) != "-":
@@ -200,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out.write_text(report)
 
 
-def measure(W: torch.Tensor, args: argparse.Namespace) -> str:
+def scheme_tables(W: torch.Tensor, args: argparse.Namespace) -> str:
     """One markdown table: every scheme and operation, ours against quanto's (and torch's)."""
     sync = torch.cuda.synchronize if W.device.type == "cuda" else (lambda: None)
     qp8 = qc.choose_qparams(W, 8, symmetric=True, granularity=qc.PerChannel(0))
@@ -225,7 +192,8 @@ def measure(W: torch.Tensor, args: argparse.Namespace) -> str:
     for name, n_bits, symmetric, granularity, quanto_quantize, reference in schemes:
         for row in run_scheme(W, n_bits, symmetric, granularity, quanto_quantize, args.repeats, sync, reference):
             rows.append({"scheme": name, **row})
-    return format_table(rows, W.numel() * 4, W.numel())
+    copy_seconds = measure(W.clone, repeats=args.repeats, sync=sync).wall
+    return format_table(rows, W.numel() * 4, W.numel(), copy_seconds)
 
 
 if __name__ == "__main__":

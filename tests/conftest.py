@@ -17,3 +17,22 @@ def course_model():
     from quantcourse.models import load_model
 
     return load_model()
+
+
+CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped, with the reason, on a machine without it."""
+    if CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request) -> torch.device:
+    """Each test that takes ``device`` runs on the CPU and, when there is one, on CUDA."""
+    return torch.device(request.param)

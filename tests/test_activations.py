@@ -9,6 +9,7 @@ from quantcourse.activations import (
     ActivationQuantizer,
     QuantizedLinear,
     calibrate_linear_inputs,
+    fake_quantize_per_token,
     quantize_model_w_a,
     restore_float_linears,
 )
@@ -42,6 +43,16 @@ def test_static_uses_fixed_range_dynamic_uses_each_tokens_range():
     torch.testing.assert_close(dynamic, qc.fake_quantize(x, 8, granularity=qc.PerToken()), rtol=0, atol=0)
     quiet = (slice(1, None),)
     assert (dynamic - x)[quiet].abs().max() < (static - x)[quiet].abs().max() / 10
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["absmax", "zero_point"])
+def test_fake_quantize_per_token_equals_the_library_and_passes_gradients(symmetric):
+    x = (torch.randn(3, 4, 16) * torch.logspace(0, 2, 4)[:, None]).requires_grad_()
+    y = fake_quantize_per_token(x, 4, symmetric=symmetric)
+    expected = qc.fake_quantize(x.detach(), 4, symmetric=symmetric, granularity=qc.PerToken())
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(g, torch.ones_like(x))  # a token's own range clips nothing
 
 
 def test_static_per_channel_qparams_fit_inputs_of_the_same_rank():
@@ -122,3 +133,19 @@ def test_course_model_dynamic_w8a8_close_to_float_and_better_than_static():
     static = perplexity(model, tokens, seq_len=256, n_windows=2)
     # per-tensor static int8 activations suffer from this model's massive activations (chapter 4)
     assert base < dynamic < 1.1 * base < static
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(dynamic=True, calibration_batches=batches()), "calibration_batches and observers would be ignored"),
+        (dict(dynamic=True, observers={}), "would be ignored"),
+        (dict(dynamic=True, w_group_size=5), "w_group_size=5 does not divide the 16 inputs of up"),
+        (dict(dynamic=True, w_group_size=0), "w_group_size must be a positive int"),
+    ],
+)
+def test_quantize_model_w_a_checks_options_before_calibrating(kwargs, message):
+    model = Toy()
+    model.forward = lambda *a: pytest.fail("ran the model before checking the options")
+    with pytest.raises(ValueError, match=message):
+        quantize_model_w_a(model, **kwargs)

@@ -31,4 +31,4 @@ def test_html_table_formats_and_escapes():
     from quantcourse.display import html_table
 
     html = html_table([{"method": "W<4", "ppl": 13.678}], fmt={"ppl": ".2f"})
-    assert "<th>method</th><th>ppl</th>" in html and "<td>W&lt;4</td><td>13.68</td>" in html
+    assert "<th>method</th><th>ppl</th>" in html and '<td class="text">W&lt;4</td><td>13.68</td>' in html

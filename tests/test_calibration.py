@@ -312,3 +312,56 @@ def test_bad_bits_and_symmetric_raise():
         obs.qparams(9)
     with pytest.raises(TypeError, match="symmetric must be"):
         obs.qparams(8, symmetric="yes")
+
+
+# ---- differential tests against torch.ao's observers (the docstrings claim to match them) -------------------
+
+
+def _ao_batches():
+    gen = torch.Generator().manual_seed(7)
+    return [torch.randn(4, 16, 32, generator=gen) * (1 + k) + 0.3 * k for k in range(5)]
+
+
+@pytest.mark.parametrize("moving", [False, True], ids=["minmax", "moving_average"])
+def test_range_observers_equal_torch_ao(moving):
+    from torch.ao.quantization import observer as ao
+
+    ours = MovingAverageMinMaxObserver(averaging_constant=0.01) if moving else MinMaxObserver()
+    theirs = ao.MovingAverageMinMaxObserver(averaging_constant=0.01) if moving else ao.MinMaxObserver()
+    for x in _ao_batches():
+        ours.update(x)
+        theirs(x)
+    assert torch.equal(ours.min_val, theirs.min_val.reshape(ours.min_val.shape))
+    assert torch.equal(ours.max_val, theirs.max_val.reshape(ours.max_val.shape))
+
+
+def test_per_channel_minmax_equals_torch_ao():
+    from torch.ao.quantization import observer as ao
+
+    ours = MinMaxObserver(granularity=qc.PerChannel(-1))
+    theirs = ao.PerChannelMinMaxObserver(ch_axis=-1)
+    for x in _ao_batches():
+        ours.update(x)
+        theirs(x)
+    assert torch.equal(ours.min_val, theirs.min_val) and torch.equal(ours.max_val, theirs.max_val)
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["affine", "symmetric"])
+def test_minmax_qparams_equal_torch_ao(symmetric):
+    """8-bit parameters from the same range: torch.ao's affine quint8 [0, 255], and its symmetric qint8 restricted
+    to [-127, 127] (the library's symmetric grid drops -128)."""
+    from torch.ao.quantization import observer as ao
+
+    kwargs = (
+        dict(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=-127, quant_max=127)
+        if symmetric
+        else dict(dtype=torch.quint8, qscheme=torch.per_tensor_affine, quant_min=0, quant_max=255)
+    )
+    ours, theirs = MinMaxObserver(), ao.MinMaxObserver(**kwargs)
+    for x in _ao_batches():
+        ours.update(x)
+        theirs(x)
+    qp = ours.qparams(8, symmetric=symmetric)
+    scale, zero_point = theirs.calculate_qparams()
+    torch.testing.assert_close(qp.scale.reshape(1), scale, rtol=1e-6, atol=0)
+    assert qp.zero_point.reshape(1).tolist() == zero_point.tolist()

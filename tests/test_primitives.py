@@ -5,7 +5,7 @@ import torch
 
 import quantcourse as qc
 from quantcourse import PerChannel, PerGroup, PerTensor, PerToken
-from quantcourse.primitives import SCALE_EPS
+from quantcourse.primitives import SCALE_EPS, fake_quantize_ste
 
 GRANULARITIES = {
     "tensor": PerTensor(),
@@ -419,3 +419,36 @@ def test_qparams_is_frozen():
     qp = qc.choose_qparams(torch.randn(4, 8), 8)
     with pytest.raises(AttributeError):
         qp.n_bits = 4
+
+
+# ---- the straight-through fake quantizer (chapters 4-5) ----------------------------------------------
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["absmax", "zero_point"])
+def test_fake_quantize_ste_forward_equals_library_and_gradient_is_1_inside_0_outside(symmetric):
+    x = torch.linspace(-3, 3, 601)
+    qp = qc.choose_qparams(torch.tensor([-1.0, 2.0]), 4, symmetric=symmetric)
+    xr = x.clone().requires_grad_()
+    y = fake_quantize_ste(xr, qp)
+    torch.testing.assert_close(y, qc.dequantize(qc.quantize(x, qp), qp), rtol=0, atol=0)
+    y.backward(torch.ones_like(y))
+    codes = torch.round(x / qp.scale) + qp.zero_point
+    inside = (codes >= qp.qmin) & (codes <= qp.qmax)
+    assert torch.equal(xr.grad, inside.float())
+    assert xr.grad[x.abs() < 0.5].eq(1).all() and xr.grad[x > 2.5].eq(0).all()
+
+
+def test_fake_quantize_ste_gradcheck_is_identity_inside():
+    x = torch.rand(20, dtype=torch.float64) - 0.5  # well inside [-1, 1]
+    qp = qc.choose_qparams(torch.tensor([-1.0, 1.0]), 8)
+    x.requires_grad_()
+    (g,) = torch.autograd.grad(fake_quantize_ste(x, qp).sum(), x)
+    assert torch.equal(g, torch.ones_like(x))
+
+
+def test_fake_quantize_ste_per_group():
+    W = torch.randn(4, 16)
+    qp = qc.choose_qparams(W, 4, granularity=qc.PerGroup(8))
+    torch.testing.assert_close(
+        fake_quantize_ste(W, qp), qc.fake_quantize(W, 4, granularity=qc.PerGroup(8)), rtol=0, atol=0
+    )

@@ -1,4 +1,7 @@
-"""QAT (chapter 5): STE gradients, LSQ gradients against the paper's formulas, prepare/convert."""
+"""QAT (chapter 5): STE gradients, LSQ gradients against the paper's formulas, prepare/convert.
+
+The straight-through fake quantizer itself is a primitive: its tests are in test_primitives.py.
+"""
 
 import math
 
@@ -12,7 +15,6 @@ from quantcourse.qat import (
     LSQQuantizer,
     QATLinear,
     convert,
-    fake_quantize_ste,
     grad_scale,
     lsq_fake_quantize,
     lsq_init_scale,
@@ -27,36 +29,6 @@ def test_round_ste_forward_rounds_half_to_even_and_passes_gradient():
     assert torch.equal(y, torch.tensor([-2.0, -0.0, 0.0, 2.0, 3.0]))
     y.sum().backward()
     assert torch.equal(x.grad, torch.ones(5))
-
-
-@pytest.mark.parametrize("symmetric", [True, False], ids=["absmax", "zero_point"])
-def test_fake_quantize_ste_forward_equals_library_and_gradient_is_1_inside_0_outside(symmetric):
-    x = torch.linspace(-3, 3, 601)
-    qp = qc.choose_qparams(torch.tensor([-1.0, 2.0]), 4, symmetric=symmetric)
-    xr = x.clone().requires_grad_()
-    y = fake_quantize_ste(xr, qp)
-    torch.testing.assert_close(y, qc.dequantize(qc.quantize(x, qp), qp), rtol=0, atol=0)
-    y.backward(torch.ones_like(y))
-    codes = torch.round(x / qp.scale) + qp.zero_point
-    inside = (codes >= qp.qmin) & (codes <= qp.qmax)
-    assert torch.equal(xr.grad, inside.float())
-    assert xr.grad[x.abs() < 0.5].eq(1).all() and xr.grad[x > 2.5].eq(0).all()
-
-
-def test_fake_quantize_ste_gradcheck_is_identity_inside():
-    x = torch.rand(20, dtype=torch.float64) - 0.5  # well inside [-1, 1]
-    qp = qc.choose_qparams(torch.tensor([-1.0, 1.0]), 8)
-    x.requires_grad_()
-    (g,) = torch.autograd.grad(fake_quantize_ste(x, qp).sum(), x)
-    assert torch.equal(g, torch.ones_like(x))
-
-
-def test_fake_quantize_ste_per_group():
-    W = torch.randn(4, 16)
-    qp = qc.choose_qparams(W, 4, granularity=qc.PerGroup(8))
-    torch.testing.assert_close(
-        fake_quantize_ste(W, qp), qc.fake_quantize(W, 4, granularity=qc.PerGroup(8)), rtol=0, atol=0
-    )
 
 
 def test_grad_scale_is_identity_forward_and_scales_gradient():

@@ -20,7 +20,7 @@ from .memory import (
     memory_table,
     model_bytes,
 )
-from .primitives import QParams, choose_qparams, dequantize, fake_quantize, quantize
+from .primitives import QParams, choose_qparams, dequantize, fake_quantize, fake_quantize_ste, quantize
 
 __version__ = "0.1.0"
 
@@ -39,6 +39,9 @@ SUBMODULES = (
     "pipeline",
     "weights",
     "gptq",
+    "awq",
+    "smoothquant",
+    "llm_int8",
     "nf4",
     "qlora",
     "packing",
@@ -60,6 +63,7 @@ __all__ = [
     "quantize",
     "dequantize",
     "fake_quantize",
+    "fake_quantize_ste",
     # memory arithmetic and number formats (chapter 1)
     "bits_per_weight",
     "model_bytes",

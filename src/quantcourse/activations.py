@@ -25,18 +25,36 @@ from torch.nn import functional as F
 
 from . import surgery
 from .calibration import Observer, make_observer
-from .granularity import PerChannel, PerGroup, PerToken
-from .primitives import QParams, check_n_bits, choose_qparams, fake_quantize
+from .granularity import Granularity, PerChannel, PerGroup, PerTensor, PerToken
+from .primitives import QParams, check_n_bits, choose_qparams, fake_quantize, fake_quantize_ste
 from .progress import progress_bar
-from .qat import fake_quantize_ste
 
 __all__ = [
+    "fake_quantize_per_token",
     "ActivationQuantizer",
     "QuantizedLinear",
     "calibrate_linear_inputs",
     "quantize_model_w_a",
     "restore_float_linears",
 ]
+
+
+def fake_quantize_per_token(x: torch.Tensor, n_bits: int, *, symmetric: bool = True) -> torch.Tensor:
+    """Dynamic per-token fake quantization, differentiable with the straight-through estimator.
+
+    Each token (each row of the last dimension) gets its own range, computed from ``x`` as it arrives:
+    ``fake_quantize_ste(x, choose_qparams(x, n_bits, granularity=PerToken()))``.
+
+    Args:
+        x: float ``[..., hidden]``; not modified.
+        n_bits: 2..8.
+        symmetric: absmax (default) or zero-point ranges.
+
+    Returns:
+        a tensor of ``x``'s shape and dtype; its gradient is 1 inside each token's range (everywhere,
+        since the range is the token's own).
+    """
+    return fake_quantize_ste(x, choose_qparams(x.detach(), n_bits, symmetric=symmetric, granularity=PerToken()))
 
 
 class ActivationQuantizer(nn.Module):
@@ -46,10 +64,21 @@ class ActivationQuantizer(nn.Module):
     straight-through estimator (chapter 5), so the same module serves PTQ and QAT experiments.
     """
 
-    def __init__(self, n_bits: int, *, qparams: QParams | None = None, symmetric: bool = True) -> None:
+    def __init__(
+        self,
+        n_bits: int,
+        *,
+        qparams: QParams | None = None,
+        symmetric: bool = True,
+        granularity: PerToken | PerTensor = PerToken(),
+    ) -> None:
         super().__init__()
         check_n_bits(n_bits)
-        self.n_bits, self.qparams, self.symmetric = n_bits, qparams, symmetric
+        if not isinstance(granularity, (PerToken, PerTensor)):
+            raise ValueError(
+                f"dynamic activation ranges are per token (PerToken()) or per tensor (PerTensor()), got {granularity!r}"
+            )
+        self.n_bits, self.qparams, self.symmetric, self.granularity = n_bits, qparams, symmetric, granularity
 
     @classmethod
     def static(cls, qparams: QParams) -> ActivationQuantizer:
@@ -61,9 +90,11 @@ class ActivationQuantizer(nn.Module):
         return cls(qparams.n_bits, qparams=qparams, symmetric=qparams.symmetric)
 
     @classmethod
-    def dynamic(cls, n_bits: int, *, symmetric: bool = True) -> ActivationQuantizer:
-        """Compute each token's range when it arrives (``PerToken()``)."""
-        return cls(n_bits, symmetric=symmetric)
+    def dynamic(
+        cls, n_bits: int, *, symmetric: bool = True, granularity: PerToken | PerTensor = PerToken()
+    ) -> ActivationQuantizer:
+        """Compute the range when the input arrives: per token (``PerToken()``) or per tensor (``PerTensor()``)."""
+        return cls(n_bits, symmetric=symmetric, granularity=granularity)
 
     @property
     def is_static(self) -> bool:
@@ -77,12 +108,16 @@ class ActivationQuantizer(nn.Module):
                 qp = QParams(
                     qp.scale.reshape(shape), qp.zero_point.reshape(shape), qp.n_bits, qp.symmetric, qp.granularity
                 )
-        else:
-            qp = choose_qparams(x.detach(), self.n_bits, symmetric=self.symmetric, granularity=PerToken())
-        return fake_quantize_ste(x, qp)
+            return fake_quantize_ste(x, qp)
+        if isinstance(self.granularity, PerToken):
+            return fake_quantize_per_token(x, self.n_bits, symmetric=self.symmetric)
+        return fake_quantize_ste(
+            x, choose_qparams(x.detach(), self.n_bits, symmetric=self.symmetric, granularity=self.granularity)
+        )
 
     def extra_repr(self) -> str:
-        return f"n_bits={self.n_bits}, {'static' if self.is_static else 'dynamic per token'}"
+        kind = "per token" if isinstance(self.granularity, PerToken) else "per tensor"
+        return f"n_bits={self.n_bits}, {'static' if self.is_static else 'dynamic ' + kind}"
 
 
 class QuantizedLinear(nn.Module):
@@ -94,6 +129,7 @@ class QuantizedLinear(nn.Module):
         linear: the float layer.
         w_bits: weight bits; weights are symmetric, per output channel or per group of ``w_group_size``
             input columns.
+        w_granularity: overrides that choice, e.g. ``PerTensor()`` (SmoothQuant's O1-O3 levels).
         act: how inputs are quantized (``None``: not at all).
     """
 
@@ -104,10 +140,15 @@ class QuantizedLinear(nn.Module):
         w_bits: int = 8,
         w_group_size: int | None = None,
         act: ActivationQuantizer | None = None,
+        w_granularity: Granularity | None = None,
     ) -> None:
         super().__init__()
         self.linear, self.act = linear, act
         granularity = PerChannel(0) if w_group_size is None else PerGroup(w_group_size)
+        if w_granularity is not None:
+            if w_group_size is not None:
+                raise ValueError("give w_group_size or w_granularity, not both")
+            granularity = w_granularity
         self.register_buffer("weight", fake_quantize(linear.weight.detach(), w_bits, granularity=granularity))
         self.w_bits, self.w_group_size = w_bits, w_group_size
 
@@ -171,6 +212,21 @@ def quantize_model_w_a(
     """
     check_n_bits(w_bits)
     check_n_bits(a_bits)
+    if dynamic and (calibration_batches is not None or observers is not None):
+        raise ValueError(
+            "dynamic=True computes each token's range at run time, so calibration_batches and observers would be "
+            "ignored: drop them, or use dynamic=False for static ranges from them"
+        )
+    if w_group_size is not None and (
+        isinstance(w_group_size, bool) or not isinstance(w_group_size, int) or w_group_size < 1
+    ):
+        raise ValueError(f"w_group_size must be a positive int or None (per channel), got {w_group_size!r}")
+    for name, linear in surgery.find_linears(model, include_head=include_head).items():
+        if w_group_size is not None and linear.in_features % w_group_size:
+            raise ValueError(
+                f"w_group_size={w_group_size} does not divide the {linear.in_features} inputs of {name}: choose a "
+                "divisor of every layer's input width (64 for the course model), or None for per channel"
+            )
     if not dynamic and observers is None:
         if calibration_batches is None:
             raise ValueError(

@@ -18,11 +18,15 @@ def html_table(
     columns = list(columns if columns is not None else rows[0])
     fmt = fmt or {}
     head = "".join(f"<th>{escape(str(c))}</th>" for c in columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{escape(format(row[c], fmt.get(c, '')))}</td>" for c in columns) + "</tr>"
-        for row in rows
-    )
+    body = "".join("<tr>" + "".join(_cell(row[c], fmt.get(c, "")) for c in columns) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _cell(value: Any, spec: str) -> str:
+    """One ``<td>``; text gets ``class="text"``, which the book's stylesheet aligns left (numbers right)."""
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    attribute = "" if numeric else ' class="text"'
+    return f"<td{attribute}>{escape(format(value, spec))}</td>"
 
 
 def show_table(

@@ -1,8 +1,11 @@
-"""Number formats: integers of 2 to 8 bits, fp16, bf16 and the two fp8 formats.
+"""Number formats: integers of 2 to 8 bits, fp32, fp16, bf16, the two fp8 formats, and codebooks (fp4 e2m1).
 
 Chapter 1 (Memory arithmetic) teaches these. Each format is a frozen dataclass that knows its
 range, its smallest normal and subnormal values, its epsilon, and how to round a tensor onto
-its grid (``fmt.round(x)``).
+its grid (``fmt.round(x)``). All live in one registry, :data:`FORMATS` (:func:`get_format` by name,
+:func:`register_format` to add one): integer grids (:class:`IntFormat`), binary floating point
+(:class:`FloatFormat`) and formats defined by the list of their values (:class:`CodebookFormat`: fp4
+e2m1 here; NF4's 16 levels belong here too).
 
 A floating-point format with ``E`` exponent bits and ``M`` mantissa bits stores::
 
@@ -33,7 +36,10 @@ import torch
 __all__ = [
     "IntFormat",
     "FloatFormat",
+    "CodebookFormat",
+    "NumberFormat",
     "get_format",
+    "register_format",
     "FORMATS",
     "INT2",
     "INT3",
@@ -49,10 +55,12 @@ __all__ = [
     "UINT6",
     "UINT7",
     "UINT8",
+    "FP32",
     "FP16",
     "BF16",
     "FP8_E4M3",
     "FP8_E5M2",
+    "FP4_E2M1",
 ]
 
 
@@ -233,37 +241,105 @@ class FloatFormat:
         return torch.copysign(rounded, xd).to(x.dtype)
 
 
+@dataclass(frozen=True)
+class CodebookFormat:
+    """A format defined by the list of its values (a codebook): fp4 e2m1, NF4 and the like.
+
+    A code is an index into ``levels``; ``round`` maps each value to the nearest level. Such formats are
+    used scaled (a per-block absmax maps a block onto ``[min, max]``), so the levels are usually in ``[-1, 1]``
+    or small integers.
+
+    Args:
+        name: e.g. ``"fp4_e2m1"``.
+        levels: the distinct values, ascending.
+        bits: bits per code (``2**bits >= len(levels)``; fp4 e2m1 has 15 distinct values in 16 codes, as
+            +0 and -0 are one value).
+    """
+
+    name: str
+    levels: tuple[float, ...]
+    bits: int
+
+    def __post_init__(self) -> None:
+        levels = tuple(float(v) for v in self.levels)
+        if len(levels) < 2 or list(levels) != sorted(set(levels)):
+            raise ValueError(f"CodebookFormat {self.name!r} needs at least 2 distinct levels in ascending order")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or 2**self.bits < len(levels):
+            raise ValueError(
+                f"CodebookFormat {self.name!r}: {len(levels)} levels need bits >= "
+                f"{(len(levels) - 1).bit_length()}, got {self.bits!r}"
+            )
+        object.__setattr__(self, "levels", levels)
+
+    @property
+    def max(self) -> float:
+        return self.levels[-1]
+
+    @property
+    def min(self) -> float:
+        return self.levels[0]
+
+    @property
+    def n_values(self) -> int:
+        return len(self.levels)
+
+    def values(self) -> torch.Tensor:
+        """Every value, ascending: float64 ``[n_values]``."""
+        return torch.tensor(self.levels, dtype=torch.float64)
+
+    def round(self, x: torch.Tensor) -> torch.Tensor:
+        """Map each element of ``x`` to the nearest level (a tie goes to the smaller level), saturating.
+
+        Args:
+            x: floating-point tensor of any shape; not modified.
+
+        Returns:
+            a tensor of ``x``'s shape and dtype. NaN stays NaN.
+        """
+        _check_tensor(x)
+        levels = self.values().to(x.device)
+        xd = x.double()
+        midpoints = (levels[1:] + levels[:-1]) / 2  # [n_values - 1]: a value above midpoint i rounds up
+        index = torch.bucketize(xd, midpoints, right=False)  # x == midpoint goes to the smaller level
+        return torch.where(torch.isnan(xd), xd, levels[index]).to(x.dtype)
+
+
+NumberFormat = IntFormat | FloatFormat | CodebookFormat
+
 INT2, INT3, INT4, INT5, INT6, INT7, INT8 = (IntFormat(n, True) for n in range(2, 9))
 UINT2, UINT3, UINT4, UINT5, UINT6, UINT7, UINT8 = (IntFormat(n, False) for n in range(2, 9))
+FP32 = FloatFormat("fp32", 8, 23, torch_dtype=torch.float32)
 FP16 = FloatFormat("fp16", 5, 10, torch_dtype=torch.float16)
 BF16 = FloatFormat("bf16", 8, 7, torch_dtype=torch.bfloat16)
 FP8_E4M3 = FloatFormat("fp8_e4m3", 4, 3, finite=True, torch_dtype=torch.float8_e4m3fn)
 FP8_E5M2 = FloatFormat("fp8_e5m2", 5, 2, torch_dtype=torch.float8_e5m2)
+# OCP Microscaling fp4 (E2M1): 1 sign, 2 exponent, 1 mantissa bit, no infinities and no NaN, so the top
+# exponent holds numbers (4 and 6) and FloatFormat's IEEE/"fn" rules do not describe it: its 16 codes
+# spelled out are clearer.
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+FP4_E2M1 = CodebookFormat("fp4_e2m1", tuple(-v for v in reversed(_E2M1[1:])) + _E2M1, 4)
 
-FORMATS: dict[str, IntFormat | FloatFormat] = {
-    f.name: f
-    for f in (
-        INT2,
-        INT3,
-        INT4,
-        INT5,
-        INT6,
-        INT7,
-        INT8,
-        UINT2,
-        UINT3,
-        UINT4,
-        UINT5,
-        UINT6,
-        UINT7,
-        UINT8,
-        FP16,
-        BF16,
-        FP8_E4M3,
-        FP8_E5M2,
-    )
-}
+FORMATS: dict[str, NumberFormat] = {}
+
+
+def register_format(fmt: NumberFormat) -> NumberFormat:
+    """Add ``fmt`` to :data:`FORMATS` under ``fmt.name`` (a new name only); returns it."""
+    if not isinstance(fmt, (IntFormat, FloatFormat, CodebookFormat)):
+        raise TypeError(f"register an IntFormat, FloatFormat or CodebookFormat, got {type(fmt).__name__}")
+    if fmt.name in FORMATS and FORMATS[fmt.name] != fmt:
+        raise ValueError(f"a different format is already registered as {fmt.name!r}")
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+for _fmt in (
+    INT2, INT3, INT4, INT5, INT6, INT7, INT8,
+    UINT2, UINT3, UINT4, UINT5, UINT6, UINT7, UINT8,
+    FP32, FP16, BF16, FP8_E4M3, FP8_E5M2, FP4_E2M1,
+):  # fmt: skip
+    register_format(_fmt)
 _ALIASES = {
+    "float32": "fp32",
     "float16": "fp16",
     "half": "fp16",
     "bfloat16": "bf16",
@@ -273,9 +349,9 @@ _ALIASES = {
 }
 
 
-def get_format(name: str) -> IntFormat | FloatFormat:
-    """The format called ``name``: ``"int2"``…``"int8"``, ``"uint2"``…``"uint8"``, ``"fp16"``,
-    ``"bf16"``, ``"fp8_e4m3"``, ``"fp8_e5m2"`` (case-insensitive)."""
+def get_format(name: str) -> NumberFormat:
+    """The format called ``name``: ``"int2"``…``"int8"``, ``"uint2"``…``"uint8"``, ``"fp32"``, ``"fp16"``,
+    ``"bf16"``, ``"fp8_e4m3"``, ``"fp8_e5m2"``, ``"fp4_e2m1"``, or any registered one (case-insensitive)."""
     if not isinstance(name, str):
         raise TypeError(f"format name must be a string such as 'int4' or 'fp8_e4m3', got {type(name).__name__}")
     key = _ALIASES.get(name.lower(), name.lower())

@@ -48,13 +48,15 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from typing import Literal, TypeVar
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import nn
 
-from .pipeline import run_blockwise
-from .primitives import MIN_BITS, check_float_tensor
+from . import surgery
+from .pipeline import check_calibration, run_blockwise
+from .primitives import MIN_BITS, check_float_tensor, check_n_bits
 from .weights import QuantizedModel, QuantizedWeight, check_weight, dequantize_codes, group_qparams, rtn_quantize
 
 __all__ = [
@@ -62,6 +64,7 @@ __all__ = [
     "gptq_quantize",
     "hessian_error",
     "HessianCollector",
+    "GPTQConfig",
     "quantize_model",
 ]
 
@@ -148,6 +151,15 @@ def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
         ) from e
 
 
+def _check_gptq_options(group_size: int | None, static_groups: bool, damp: float, block_size: int) -> None:
+    if static_groups and group_size is None:
+        raise ValueError("static_groups=True needs a group_size: per-channel parameters are already static")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0:
+        raise ValueError(f"damp must be >= 0 (a fraction of mean(diag(H)), default 0.01), got {damp!r}")
+
+
 @_one_thread
 def gptq_quantize(
     W: torch.Tensor,
@@ -184,12 +196,7 @@ def gptq_quantize(
         shape and dtype.
     """
     _check_layer(W, H, n_bits, group_size, allow_partial_group)
-    if static_groups and group_size is None:
-        raise ValueError("static_groups=True needs a group_size: per-channel parameters are already static")
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    if not damp >= 0:
-        raise ValueError(f"damp must be >= 0 (a fraction of mean(diag(H)), default 0.01), got {damp!r}")
+    _check_gptq_options(group_size, static_groups, damp, block_size)
     dtype = torch.float64 if torch.float64 in (W.dtype, H.dtype) else torch.float32
     n_cols, maxq = W.shape[1], 2**n_bits - 1
     g = group_size or n_cols
@@ -297,6 +304,79 @@ class HessianCollector:
         return H
 
 
+_GPTQ_ONLY = ("act_order", "static_groups", "damp", "block_size")
+METHODS = ("gptq", "rtn")
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """The settings of :func:`quantize_model`, validated when built: before any forward pass.
+
+    ``act_order``, ``static_groups``, ``damp`` and ``block_size`` only mean something to GPTQ: left at
+    ``None`` they take GPTQ's defaults (False, False, 0.01, 128); set with ``method="rtn"`` they are an
+    error rather than silently ignored.
+
+    Attributes:
+        method: ``"gptq"`` or ``"rtn"``.
+        n_bits, group_size, symmetric: the grid (:func:`quantcourse.weights.weight_qparams`); ``group_size``
+            must divide every quantized layer's input width (checked by :func:`quantize_model`).
+        act_order, static_groups, damp, block_size: see :func:`gptq_quantize`.
+        batch_size: calibration sequences per forward pass.
+    """
+
+    method: Literal["gptq", "rtn"] = "gptq"
+    n_bits: int = 4
+    group_size: int | None = 64
+    symmetric: bool = False
+    act_order: bool | None = None
+    static_groups: bool | None = None
+    damp: float | None = None
+    block_size: int | None = None
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {self.method!r}")
+        check_n_bits(self.n_bits)
+        if self.group_size is not None and (
+            isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1
+        ):
+            raise ValueError(f"group_size must be a positive int or None (per channel), got {self.group_size!r}")
+        for name in ("symmetric", "act_order", "static_groups"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        given = [name for name in _GPTQ_ONLY if getattr(self, name) is not None]
+        if self.method == "rtn" and given:
+            raise ValueError(
+                f"{', '.join(given)} only apply to method='gptq'; round-to-nearest takes n_bits, group_size and "
+                "symmetric: drop them or use method='gptq'"
+            )
+        defaults = dict(act_order=False, static_groups=False, damp=DAMP, block_size=BLOCK_SIZE)
+        for name, default in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+        _check_gptq_options(self.group_size, self.static_groups, self.damp, self.block_size)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as stored with a quantized model (:attr:`quantcourse.weights.QuantizedModel.config`)."""
+        keys = ("method", "n_bits", "group_size", "symmetric", *_GPTQ_ONLY)
+        return {key: getattr(self, key) for key in keys}
+
+
+def _check_layers(model: nn.Module, config: GPTQConfig) -> None:
+    """Every quantized linear can take ``config``'s groups: fail before the first forward pass, not at layer 40."""
+    block_names = {id(module): name for name, module in model.named_modules()}
+    for block in surgery.decoder_blocks(model):
+        for name, linear in surgery.find_linears(block, prefix=f"{block_names[id(block)]}.").items():
+            try:
+                check_weight(linear.weight, config.n_bits, config.group_size)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+
+
 def quantize_model(
     model: nn.Module,
     calibration: torch.Tensor | None,
@@ -305,10 +385,10 @@ def quantize_model(
     group_size: int | None = 64,
     symmetric: bool = False,
     method: Literal["gptq", "rtn"] = "gptq",
-    act_order: bool = False,
-    static_groups: bool = False,
-    damp: float = DAMP,
-    block_size: int = BLOCK_SIZE,
+    act_order: bool | None = None,
+    static_groups: bool | None = None,
+    damp: float | None = None,
+    block_size: int | None = None,
     batch_size: int = 8,
     progress: bool = True,
 ) -> QuantizedModel:
@@ -317,14 +397,17 @@ def quantize_model(
     GPTQ runs through :func:`quantcourse.pipeline.run_blockwise`: each block's Hessians come from the
     outputs of the already-quantized blocks before it. ``method="rtn"`` needs no data (``calibration``
     may be ``None``) and rounds every weight to nearest on the same grid. The embeddings and the
-    output head stay in float.
+    output head stay in float. Every option is checked (:class:`GPTQConfig`, and ``group_size`` against
+    every layer's width) before the first forward pass.
 
     Args:
         model: a Llama-, OPT- or GPT-2-style causal LM (modified in place).
         calibration: int64 ``[n_samples, seq_len]`` token ids, e.g. :func:`quantcourse.data.calibration_samples`.
-        n_bits, group_size, symmetric, act_order, static_groups, damp, block_size: see :func:`gptq_quantize`.
-            The default ``group_size=64`` divides every width of the course model (128 does not divide 576).
+        n_bits, group_size, symmetric: the grid (see :func:`gptq_quantize`). The default ``group_size=64``
+            divides every width of the course model (128 does not divide 576).
         method: ``"gptq"`` or ``"rtn"``.
+        act_order, static_groups, damp, block_size: GPTQ only (see :func:`gptq_quantize`); ``None`` takes
+            GPTQ's default; an error with ``method="rtn"``.
         batch_size: calibration sequences per forward pass.
         progress: a tqdm bar over the blocks.
 
@@ -332,51 +415,52 @@ def quantize_model(
         :class:`quantcourse.weights.QuantizedModel` (the model, every layer's codes and parameters,
         timings), ready for :func:`quantcourse.serialization.save_quantized`.
     """
-    if method not in ("gptq", "rtn"):
-        raise ValueError(f"method must be 'gptq' or 'rtn', got {method!r}")
+    config = GPTQConfig(method, n_bits, group_size, symmetric, act_order, static_groups, damp, block_size, batch_size)
+    model = surgery.as_plain_linears(model)
+    _check_layers(model, config)
+    if config.method == "gptq":
+        if calibration is None:
+            raise ValueError(
+                "method='gptq' needs calibration token ids [n_samples, seq_len] (its Hessians come from the "
+                "layers' inputs), e.g. quantcourse.data.calibration_samples(tokenizer, 32, 512); method='rtn' "
+                "runs without"
+            )
+        check_calibration(calibration, config.batch_size)
     results: dict[str, QuantizedWeight] = {}
     seconds: dict[str, float] = {}
     hessians = HessianCollector()
 
     def quantize_linear(name: str, linear: nn.Linear) -> None:
         start = time.perf_counter()
-        if method == "gptq":
+        if config.method == "gptq":
             result = gptq_quantize(
                 linear.weight,
                 hessians.take(name),
-                n_bits,
-                group_size=group_size,
-                symmetric=symmetric,
-                act_order=act_order,
-                static_groups=static_groups,
-                damp=damp,
-                block_size=block_size,
+                config.n_bits,
+                group_size=config.group_size,
+                symmetric=config.symmetric,
+                act_order=config.act_order,
+                static_groups=config.static_groups,
+                damp=config.damp,
+                block_size=config.block_size,
             )
         else:
-            result = rtn_quantize(linear.weight, n_bits, group_size=group_size, symmetric=symmetric)
+            result = rtn_quantize(
+                linear.weight, config.n_bits, group_size=config.group_size, symmetric=config.symmetric
+            )
         seconds[name] = time.perf_counter() - start
         linear.weight = nn.Parameter(result.weight, requires_grad=False)
         results[name] = result
 
     start = time.perf_counter()
-    collect: Callable | None = hessians if method == "gptq" else None
+    collect: Callable | None = hessians if config.method == "gptq" else None
     run_blockwise(
         model,
         calibration,
         collect=collect,
         quantize_linear=quantize_linear,
-        batch_size=batch_size,
+        batch_size=config.batch_size,
         progress=progress,
-        desc=f"{method} {n_bits}-bit",
+        desc=f"{config.method} {config.n_bits}-bit",
     )
-    config = dict(
-        method=method,
-        n_bits=n_bits,
-        group_size=group_size,
-        symmetric=symmetric,
-        act_order=act_order,
-        static_groups=static_groups,
-        damp=damp,
-        block_size=block_size,
-    )
-    return QuantizedModel(model, results, config, time.perf_counter() - start, seconds)
+    return QuantizedModel(model, results, config.as_dict(), time.perf_counter() - start, seconds)

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .formats import FORMATS, get_format
+
 __all__ = [
     "FORMAT_BITS",
     "GB",
@@ -33,7 +35,8 @@ __all__ = [
 ]
 
 GB = 1e9  # decimal gigabyte, as in "a 7B model in fp16 is 14 GB"
-FORMAT_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "int4": 4}
+# The formats of the usual memory table (chapter 1), with their bits from the format registry.
+FORMAT_BITS = {name: get_format(name).bits for name in ("fp32", "fp16", "bf16", "int8", "int4")}
 
 
 def _check_positive(name: str, value: Any, *, integer: bool = False, allow_zero: bool = False) -> None:
@@ -77,16 +80,12 @@ def model_bytes(n_params: int, bits_per_weight: float) -> float:
 def _format_bits(fmt: str | float) -> float:
     if isinstance(fmt, (int, float)) and not isinstance(fmt, bool):
         return float(fmt)
-    if fmt in FORMAT_BITS:
-        return FORMAT_BITS[fmt]
-    from .formats import get_format
-
     try:
         return get_format(fmt).bits
     except (ValueError, TypeError) as e:
         raise ValueError(
-            f"unknown format {fmt!r}: use one of {list(FORMAT_BITS)}, a name from "
-            "quantcourse.formats.FORMATS (e.g. 'int3', 'fp8_e4m3'), or a number of bits"
+            f"unknown format {fmt!r}: use a name from quantcourse.formats.FORMATS ({', '.join(FORMATS)}), "
+            "or a number of bits"
         ) from e
 
 

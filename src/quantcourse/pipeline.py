@@ -40,7 +40,14 @@ from torch import nn
 from . import surgery
 from .progress import progress_bar
 
-__all__ = ["BlockContext", "capture_block_inputs", "run_blockwise", "LinearInputFn", "QuantizeLinearFn"]
+__all__ = [
+    "BlockContext",
+    "capture_block_inputs",
+    "check_calibration",
+    "run_blockwise",
+    "LinearInputFn",
+    "QuantizeLinearFn",
+]
 
 LinearInputFn = Callable[[str, nn.Linear, torch.Tensor], None]  # (name, linear, X [tokens, in])
 QuantizeLinearFn = Callable[[str, nn.Linear], None]  # (name, linear): replace linear.weight, in place
@@ -97,7 +104,8 @@ class BlockContext:
             self.run()
 
 
-def _check_calibration(calibration: torch.Tensor, batch_size: int) -> None:
+def check_calibration(calibration: torch.Tensor, batch_size: int) -> None:
+    """Raise ``ValueError`` unless ``calibration`` is int64 token ids ``[n_samples, seq_len]``, ``batch_size`` > 0."""
     if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.is_floating_point():
         raise ValueError(
             "calibration must be an int64 tensor of token ids [n_samples, seq_len], e.g. "
@@ -123,7 +131,7 @@ def capture_block_inputs(
         ``(inputs, args, kwargs)``: per batch, the hidden states ``[batch, seq, hidden]``, the other
         positional arguments and the keyword arguments of the block's ``forward``.
     """
-    _check_calibration(calibration, batch_size)
+    check_calibration(calibration, batch_size)
     first = surgery.decoder_blocks(model)[0]
     device = next(model.parameters()).device
     inputs, args, kwargs = [], [], []

@@ -1,7 +1,9 @@
 """The quantization primitives: choose parameters, quantize, dequantize, fake-quantize.
 
 Chapter 2 (Absmax and zero-point quantization) teaches these; chapter 3 adds granularity.
-Every later chapter builds on them. All four are pure: they never modify their inputs.
+Every later chapter builds on them. All are pure: they never modify their inputs.
+:func:`fake_quantize_ste` is the differentiable fake quantizer (straight-through estimator) that
+chapter 4 runs activations through and chapter 5 trains through.
 
 Symmetric (absmax), ``n_bits`` = b::
 
@@ -36,7 +38,18 @@ import torch
 
 from .granularity import Granularity, PerTensor
 
-__all__ = ["QParams", "choose_qparams", "quantize", "dequantize", "fake_quantize", "check_float_tensor", "check_n_bits"]
+__all__ = [
+    "QParams",
+    "choose_qparams",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "FakeQuantizeSTE",
+    "fake_quantize_ste",
+    "check_float_tensor",
+    "check_n_bits",
+    "SCALE_EPS",
+]
 
 MIN_BITS, MAX_BITS = 2, 8
 # A scale of exactly 0 (an all-zero group) would make x / scale = NaN; any tiny positive
@@ -244,3 +257,41 @@ def fake_quantize(
     x_hat = torch.div(xg.float(), scale).round_()
     x_hat.add_(zero_point).clamp_(qparams.qmin, qparams.qmax).sub_(zero_point).mul_(scale)
     return x_hat.reshape(x.shape).to(x.dtype)
+
+
+class FakeQuantizeSTE(torch.autograd.Function):
+    """``dequantize(quantize(x))`` with the STE gradient: 1 where the code was in ``[qmin, qmax]``, else 0.
+
+    Inputs ``scale`` and ``zero_point`` must already broadcast against ``x``; they get no gradient
+    (LSQ learns the scale instead, see :func:`quantcourse.qat.lsq_fake_quantize`).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int):
+        codes = torch.round(x / scale) + zero_point
+        inside = (codes >= qmin) & (codes <= qmax)
+        ctx.save_for_backward(inside)
+        return (codes.clamp(qmin, qmax) - zero_point) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
+
+
+def fake_quantize_ste(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
+    """Fake-quantize ``x`` with given ``qparams``, differentiably (STE).
+
+    The forward equals ``dequantize(quantize(x, qparams), qparams)``; the gradient with respect to
+    ``x`` is 1 inside the range and 0 where ``x`` was clipped. Chapter 4 fake-quantizes activations
+    with it, chapter 5 trains through it.
+
+    Args:
+        x: float tensor shaped like the tensor ``qparams`` were chosen for.
+        qparams: e.g. from :func:`quantcourse.choose_qparams` or an observer.
+    """
+    g = qparams.granularity
+    xg, scale = g.broadcast(x, qparams.scale.to(x.device))
+    zero_point = g.broadcast(x, qparams.zero_point.to(x.device, torch.float32))[1]
+    out = FakeQuantizeSTE.apply(xg.float(), scale, zero_point, qparams.qmin, qparams.qmax)
+    return out.reshape(x.shape).to(x.dtype)

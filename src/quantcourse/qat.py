@@ -30,14 +30,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import surgery
-from .granularity import Granularity, PerChannel, PerGroup, PerTensor, PerToken
-from .primitives import QParams, check_n_bits, choose_qparams, dequantize, quantize
+from .activations import fake_quantize_per_token
+from .granularity import Granularity, PerChannel, PerGroup, PerTensor
+from .primitives import SCALE_EPS, QParams, check_n_bits, dequantize, quantize
 
 __all__ = [
     "RoundSTE",
     "round_ste",
-    "FakeQuantizeSTE",
-    "fake_quantize_ste",
     "GradScale",
     "grad_scale",
     "lsq_fake_quantize",
@@ -65,43 +64,6 @@ class RoundSTE(torch.autograd.Function):
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round to nearest (half to even) with a straight-through gradient of 1 (chapter 5)."""
     return RoundSTE.apply(x)
-
-
-class FakeQuantizeSTE(torch.autograd.Function):
-    """``dequantize(quantize(x))`` with the STE gradient: 1 where the code was in ``[qmin, qmax]``, else 0.
-
-    Inputs ``scale`` and ``zero_point`` must already broadcast against ``x``; they get no gradient
-    (LSQ learns the scale instead, see :func:`lsq_fake_quantize`).
-    """
-
-    @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int):
-        codes = torch.round(x / scale) + zero_point
-        inside = (codes >= qmin) & (codes <= qmax)
-        ctx.save_for_backward(inside)
-        return (codes.clamp(qmin, qmax) - zero_point) * scale
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inside,) = ctx.saved_tensors
-        return grad * inside, None, None, None, None
-
-
-def fake_quantize_ste(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
-    """Fake-quantize ``x`` with given ``qparams``, differentiably (STE).
-
-    The forward equals ``dequantize(quantize(x, qparams), qparams)``; the gradient with respect to
-    ``x`` is 1 inside the range and 0 where ``x`` was clipped (chapter 5).
-
-    Args:
-        x: float tensor shaped like the tensor ``qparams`` were chosen for.
-        qparams: e.g. from :func:`quantcourse.choose_qparams` or an observer.
-    """
-    g = qparams.granularity
-    xg, scale = g.broadcast(x, qparams.scale.to(x.device))
-    zero_point = g.broadcast(x, qparams.zero_point.to(x.device, torch.float32))[1]
-    out = FakeQuantizeSTE.apply(xg.float(), scale, zero_point, qparams.qmin, qparams.qmax)
-    return out.reshape(x.shape).to(x.dtype)
 
 
 class GradScale(torch.autograd.Function):
@@ -157,8 +119,8 @@ def lsq_init_scale(
         raise ValueError(f"method must be 'lsq' or 'minmax', got {method!r}")
     v = v.detach().abs().float()
     if method == "minmax":
-        return (granularity.reduce(v, torch.amax) / qp).clamp(min=torch.finfo(torch.float32).eps)
-    return (2 * granularity.reduce(v, torch.mean) / math.sqrt(qp)).clamp(min=torch.finfo(torch.float32).eps)
+        return (granularity.reduce(v, torch.amax) / qp).clamp(min=SCALE_EPS)
+    return (2 * granularity.reduce(v, torch.mean) / math.sqrt(qp)).clamp(min=SCALE_EPS)
 
 
 class LSQQuantizer(nn.Module):
@@ -205,7 +167,7 @@ class LSQQuantizer(nn.Module):
             self.scale.copy_(lsq_init_scale(v, self.qp, self.granularity, method=self.init_method))
         else:
             lo, hi = self.granularity.reduce(v.float(), torch.amin), self.granularity.reduce(v.float(), torch.amax)
-            self.scale.copy_(((hi - lo) / self.qp).clamp(min=torch.finfo(torch.float32).eps))
+            self.scale.copy_(((hi - lo) / self.qp).clamp(min=SCALE_EPS))
             self.offset.copy_(lo)
         self.initialized.fill_(True)
 
@@ -231,17 +193,12 @@ class LSQQuantizer(nn.Module):
         return QParams(scale, zero_point, self.n_bits, False, self.granularity)
 
 
-def _dynamic_per_token(x: torch.Tensor, n_bits: int) -> torch.Tensor:
-    """Per-token symmetric fake quantization with the STE (the range of each token, recomputed each time)."""
-    return fake_quantize_ste(x, choose_qparams(x.detach(), n_bits, symmetric=True, granularity=PerToken()))
-
-
 def _quantize_input(x: torch.Tensor, a_bits: int | None, a_mode: str, act_quantizer: nn.Module | None) -> torch.Tensor:
     """The activation fake quantization of a QAT layer (identity when ``a_bits`` is None)."""
     if a_bits is None:
         return x
     if a_mode == "dynamic":
-        return _dynamic_per_token(x, a_bits)
+        return fake_quantize_per_token(x, a_bits)
     return act_quantizer(x)
 
 

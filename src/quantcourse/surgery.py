@@ -29,6 +29,9 @@ __all__ = [
     "ScaleGroup",
     "scale_groups",
     "fold_scales",
+    "record_calls",
+    "attention_score_linears",
+    "is_norm",
 ]
 
 # (path to the ModuleList of decoder blocks) for each supported layout, tried in order: causal LMs
@@ -316,6 +319,11 @@ def scale_groups(block: nn.Module) -> list[ScaleGroup]:
 _SCALABLE_NORMS = ("LayerNorm", "LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 
 
+def is_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a norm that :func:`fold_scales` can fold a scale into (``weight`` [+ ``bias``])."""
+    return type(module).__name__ in _SCALABLE_NORMS
+
+
 @torch.no_grad()
 def fold_scales(group: ScaleGroup, scales: torch.Tensor) -> None:
     """Divide ``group.prev``'s output by ``scales`` and multiply the linears' input columns by them, in place.
@@ -354,3 +362,40 @@ def fold_scales(group: ScaleGroup, scales: torch.Tensor) -> None:
         )
     for linear in group.linears:
         linear.weight.mul_(scales.to(linear.weight).view(1, -1))
+
+
+@contextlib.contextmanager
+def record_calls(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, list[tuple[tuple, dict]]]]:
+    """Record every call of the chosen modules, positional and keyword arguments, while the block runs.
+
+    :func:`record_inputs` keeps what a linear receives; a module such as a whole attention also needs
+    the keyword arguments the block passed it (attention mask, position embeddings) to run again on
+    its own: ``module(*args, **kwargs)`` replays a recorded call. AWQ's scale search does this.
+
+    Yields:
+        ``{name: [(args, kwargs), ...]}``, one entry per call, filled as the block runs.
+    """
+    calls: dict[str, list[tuple[tuple, dict]]] = {name: [] for name in modules}
+
+    def hook(name: str) -> Callable:
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            calls[name].append((args, dict(kwargs)))
+
+        return record
+
+    handles = [module.register_forward_pre_hook(hook(name), with_kwargs=True) for name, module in modules.items()]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def attention_score_linears(block: nn.Module) -> tuple[str, ...]:
+    """The linears of a block whose outputs meet in the attention scores ``q·kᵀ`` (paths inside the block).
+
+    llm-awq's clip search skips them ("due to qk bmm, it is hard to clip precisely"), matching the names
+    ``q_``, ``k_``, ``query``, ``key`` and ``Wqkv``; here: Llama-style and OPT ``q_proj``/``k_proj``, and
+    GPT-2's fused ``attn.c_attn`` (it holds q and k).
+    """
+    return tuple(name for name in find_linears(block) if name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "c_attn"))

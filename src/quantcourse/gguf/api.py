@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-from .base import BlockFormat, get_format
+from .base import BlockFormat, get_format, imatrix_formats
 from .legacy import imatrix_weights
 
 __all__ = ["quantize", "dequantize", "bits_per_weight"]
@@ -33,21 +33,14 @@ def _check_matrix(x: torch.Tensor, fmt: type[BlockFormat]) -> None:
         raise ValueError("x contains NaN or Inf; llama.cpp refuses such weights, and so do we")
 
 
-IMATRIX_FORMATS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
-_ROW_SIGMA_FORMATS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1")  # their σ² is the whole row's, not the block's
 CHUNK_WEIGHTS = 2**18
 
 
-def _check_imatrix(imatrix: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-    if name == "Q8_0":
+def _check_imatrix(imatrix: torch.Tensor, x: torch.Tensor, fmt: type[BlockFormat]) -> torch.Tensor:
+    if fmt.imatrix_sigma is None:
         raise ValueError(
-            "Q8_0 has no scale search for an importance matrix to weight (llama.cpp ignores it): "
+            f"an importance matrix is supported for {imatrix_formats()}, not {fmt.name}: {fmt.no_imatrix_reason}; "
             "call quantize without imatrix"
-        )
-    if name not in IMATRIX_FORMATS:
-        raise ValueError(
-            f"an importance matrix is supported for {IMATRIX_FORMATS}, not {name} "
-            "(llama.cpp's Q2_K/Q3_K imatrix searches are not implemented here)"
         )
     if not isinstance(imatrix, torch.Tensor) or imatrix.dtype != torch.float32 or imatrix.shape != (x.shape[1],):
         raise ValueError(f"imatrix must be a float32 tensor of shape ({x.shape[1]},), one weight per input column")
@@ -92,7 +85,7 @@ def quantize(
     imatrix: torch.Tensor | None = None,
     chunk_blocks: int | None = None,
     num_threads: int | None = None,
-) -> np.ndarray:
+) -> torch.Tensor:
     """Quantize a float32 matrix to llama.cpp's bytes for ``qtype``, byte-identical to ``ggml_quantize_chunk``
     without an importance matrix.
 
@@ -110,7 +103,8 @@ def quantize(
             the bytes do not depend on it. With more than one, torch's intra-op thread count is 1
             during the call and restored after. Ignored for tensors on a GPU.
     Returns:
-        uint8 numpy array ``[rows, cols // block_size * type_size]``, the rows as a GGUF file stores them.
+        uint8 tensor ``[rows, cols // block_size * type_size]`` on ``x``'s device, the rows as a GGUF file stores
+        them (``.numpy()`` for gguf-py); :func:`dequantize` takes it back.
     """
     fmt = get_format(qtype)
     _check_matrix(x, fmt)
@@ -126,16 +120,16 @@ def quantize(
     if imatrix is None:
         weights: list[torch.Tensor | None] = [None] * -(-len(blocks) // chunk_blocks)
     else:
-        imatrix = _check_imatrix(imatrix, x, fmt.name).detach()
-        if fmt.name in _ROW_SIGMA_FORMATS:
+        imatrix = _check_imatrix(imatrix, x, fmt).detach()
+        if fmt.imatrix_sigma == "row":
             qw = imatrix_weights(x.detach(), imatrix).reshape(-1, fmt.block_size)
         else:  # the K-quants combine the imatrix with each super-block's own statistics
             qw = imatrix.repeat(x.shape[0]).reshape(-1, fmt.block_size)
         weights = list(torch.split(qw, chunk_blocks))
     chunks = list(zip(torch.split(blocks, chunk_blocks), weights, strict=True))
     parts = _quantize_chunks(fmt, chunks, 1 if x.device.type != "cpu" else num_threads) if chunks else []
-    out = torch.cat(parts) if parts else torch.empty((0, fmt.type_size), dtype=torch.uint8)
-    return out.reshape(x.shape[0], -1).cpu().numpy()
+    out = torch.cat(parts) if parts else torch.empty((0, fmt.type_size), dtype=torch.uint8, device=x.device)
+    return out.reshape(x.shape[0], -1)
 
 
 def dequantize(
@@ -144,11 +138,12 @@ def dequantize(
     """Decode llama.cpp bytes to float32, identically to gguf-py's ``dequantize``.
 
     Args:
-        data: uint8 bytes (any shape, ``rows · cols / block_size · type_size`` of them).
+        data: uint8 bytes (any shape, ``rows · cols / block_size · type_size`` of them): a tensor (e.g. from
+            :func:`quantize`; decoded on its device) or a numpy array (e.g. from gguf-py's reader).
         qtype: gguf-py name or ``GGMLQuantizationType``.
         shape: ``(rows, cols)`` of the float matrix.
     Returns:
-        float32 tensor of ``shape``.
+        float32 tensor of ``shape`` (on ``data``'s device).
     """
     fmt = get_format(qtype)
     if not isinstance(data, torch.Tensor) and np.asarray(data).dtype != np.uint8:
@@ -169,4 +164,4 @@ def dequantize(
 
 def bits_per_weight(qtype: str | GGMLQuantizationType) -> float:
     """Bits per weight of a block format, scales included (Q4_K: 4.5)."""
-    return get_format(qtype).bits_per_weight()
+    return get_format(qtype).bits_per_weight

@@ -9,23 +9,41 @@ class methods over *all blocks at once*: ``quantize_blocks`` (float32 ``[B, bloc
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-__all__ = ["BlockFormat", "FORMATS", "get_format"]
+__all__ = ["BlockFormat", "FORMATS", "get_format", "imatrix_formats"]
 
 FORMATS: dict[str, type[BlockFormat]] = {}
 
 
 class BlockFormat(ABC):
-    """One llama.cpp block format. Subclasses set ``name`` (gguf-py's name, e.g. ``"Q4_K"``)."""
+    """One llama.cpp block format. Subclasses set ``name`` (gguf-py's name, e.g. ``"Q4_K"``) and say what they can do.
+
+    Attributes (class attributes):
+        name: gguf-py's name.
+        qtype: the ``gguf.GGMLQuantizationType``.
+        block_size, type_size: weights per block and bytes per block (gguf-py's ``GGML_QUANT_SIZES``).
+        bits_per_weight: storage cost, ``type_size * 8 / block_size`` (scales included; Q4_K: 4.5).
+        imatrix_sigma: how an importance matrix weights this format's search, ``None`` without one:
+            ``"row"`` (``imatrix[j]·sqrt(σ² + x²)`` with σ² the mean square of the whole row, the legacy
+            types' ``quantize_row_q*_impl``) or ``"block"`` (the K-quants combine the importance with each
+            super-block's own statistics).
+        no_imatrix_reason: when ``imatrix_sigma`` is ``None``, why (for the error message).
+        fallback: what llama.cpp's ``tensor_type_fallback`` stores instead when a row is not a multiple
+            of ``block_size`` (``None``: the 32-weight formats, which every supported row length fits).
+    """
 
     name: ClassVar[str]
     qtype: ClassVar[GGMLQuantizationType]
     block_size: ClassVar[int]
     type_size: ClassVar[int]
+    bits_per_weight: ClassVar[float]
+    imatrix_sigma: ClassVar[Literal["row", "block"] | None] = None
+    no_imatrix_reason: ClassVar[str] = "llama.cpp's importance-matrix search for this type is not implemented here"
+    fallback: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -33,12 +51,8 @@ class BlockFormat(ABC):
             return
         cls.qtype = GGMLQuantizationType[cls.name]
         cls.block_size, cls.type_size = GGML_QUANT_SIZES[cls.qtype]
+        cls.bits_per_weight = cls.type_size * 8 / cls.block_size
         FORMATS[cls.name] = cls
-
-    @classmethod
-    def bits_per_weight(cls) -> float:
-        """Storage cost: ``type_size * 8 / block_size`` (scales included)."""
-        return cls.type_size * 8 / cls.block_size
 
     @classmethod
     @abstractmethod
@@ -59,6 +73,11 @@ def get_format(qtype: str | GGMLQuantizationType) -> type[BlockFormat]:
     if name not in FORMATS:
         raise ValueError(f"unknown or unsupported GGUF type {name!r}; choose one of {sorted(FORMATS)}")
     return FORMATS[name]
+
+
+def imatrix_formats() -> tuple[str, ...]:
+    """Names of the formats whose quantization an importance matrix can weight."""
+    return tuple(name for name, fmt in FORMATS.items() if fmt.imatrix_sigma is not None)
 
 
 def le_bytes(values: torch.Tensor, n_bytes: int) -> torch.Tensor:

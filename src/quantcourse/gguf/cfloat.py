@@ -63,8 +63,10 @@ def seq_sum(t: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
 def div(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
     """Correctly rounded float32 ``a / b`` (a Python number on the left would become
     ``b.reciprocal() * a`` in PyTorch, which rounds twice)."""
-    a_t = a if isinstance(a, torch.Tensor) else torch.tensor(a, dtype=torch.float32)
-    b_t = b if isinstance(b, torch.Tensor) else torch.tensor(b, dtype=torch.float32)
+    like = a if isinstance(a, torch.Tensor) else b
+    device = like.device if isinstance(like, torch.Tensor) else None  # a number joins the tensor's device
+    a_t = a if isinstance(a, torch.Tensor) else torch.tensor(a, dtype=torch.float32, device=device)
+    b_t = b if isinstance(b, torch.Tensor) else torch.tensor(b, dtype=torch.float32, device=device)
     return torch.div(a_t, b_t)
 
 

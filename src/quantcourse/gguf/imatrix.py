@@ -9,11 +9,11 @@ Here the statistics are gathered from the ``nn.Linear`` layers' inputs (:func:`q
 
 from __future__ import annotations
 
-import gguf
 import torch
 
 from ..progress import progress_bar
 from ..surgery import find_linears, record_inputs
+from .names import gguf_name
 
 __all__ = ["compute_imatrix"]
 
@@ -33,12 +33,11 @@ def compute_imatrix(
     """
     if tokens.dtype != torch.int64 or tokens.ndim != 2:
         raise ValueError(f"tokens must be int64 [n_samples, seq_len], got {tokens.dtype} {tuple(tokens.shape)}")
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
     linears = find_linears(model, include_head=include_head)
-    gguf_names = {name: names.get_name(name + ".weight", try_suffixes=(".weight",)) or name for name in linears}
+    gguf_names = {name: gguf_name(name + ".weight", model.config.num_hidden_layers) for name in linears}
 
     def accumulate(name: str, linear: torch.nn.Module, X: torch.Tensor) -> None:
         X = X.to(torch.float32)  # [tokens, in]

@@ -71,7 +71,7 @@ def _pack_2bit(L: torch.Tensor) -> torch.Tensor:
 
 
 def _unpack_2bit(qs: torch.Tensor) -> torch.Tensor:
-    q = qs.to(torch.int32).reshape(-1, 2, 1, 32) >> torch.tensor([0, 2, 4, 6]).reshape(1, 1, 4, 1)
+    q = qs.to(torch.int32).reshape(-1, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], device=qs.device).reshape(1, 1, 4, 1)
     return (q & 3).reshape(-1, QK_K)
 
 
@@ -82,7 +82,7 @@ def _pack_4bit_64(L: torch.Tensor) -> torch.Tensor:
 
 
 def _unpack_4bit_64(qs: torch.Tensor) -> torch.Tensor:
-    q = qs.to(torch.int32).reshape(-1, 4, 1, 32) >> torch.tensor([0, 4]).reshape(1, 1, 2, 1)
+    q = qs.to(torch.int32).reshape(-1, 4, 1, 32) >> torch.tensor([0, 4], device=qs.device).reshape(1, 1, 2, 1)
     return (q & 0x0F).reshape(-1, QK_K)
 
 
@@ -181,6 +181,8 @@ class Q4_K(_AsymmetricK):
     """
 
     name = "Q4_K"
+    imatrix_sigma = "block"
+    fallback = "Q5_0"
     nmax, rmin, nstep = 15, -1.0, 20
 
     @classmethod
@@ -211,19 +213,21 @@ class Q5_K(_AsymmetricK):
     """
 
     name = "Q5_K"
+    imatrix_sigma = "block"
+    fallback = "Q5_1"
     nmax, rmin, nstep = 31, -0.5, 15
 
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
         head, L = cls._codes(blocks) if imatrix is None else cls._codes_imatrix(blocks, imatrix)
-        hi = ((L >> 4) & 1).reshape(-1, 8, 32) << torch.arange(8).reshape(1, 8, 1)
+        hi = ((L >> 4) & 1).reshape(-1, 8, 32) << torch.arange(8, device=L.device).reshape(1, 8, 1)
         qh = hi.sum(dim=1).to(torch.uint8)  # [B, 32]
         return torch.cat([head, qh, _pack_4bit_64(L)], dim=1)
 
     @classmethod
     def dequantize_blocks(cls, data: torch.Tensor) -> torch.Tensor:
         d, dm = cls._scales(data)
-        qh = data[:, 16:48].to(torch.int32).reshape(-1, 1, 32) >> torch.arange(8).reshape(1, 8, 1)
+        qh = data[:, 16:48].to(torch.int32).reshape(-1, 1, 32) >> torch.arange(8, device=data.device).reshape(1, 8, 1)
         q = _unpack_4bit_64(data[:, 48:]).reshape(-1, 8, 32) | ((qh & 1) << 4)
         return (d * q.to(torch.float32) - dm).reshape(-1, QK_K)
 
@@ -245,6 +249,7 @@ class Q2_K(BlockFormat):
     """
 
     name = "Q2_K"
+    fallback = "Q4_0"
 
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
@@ -282,14 +287,14 @@ def _pack_q3_scales(l: torch.Tensor) -> torch.Tensor:
     """16 six-bit values ``[B, 16]`` -> 12 bytes: low nibbles of 0..7 / 8..15 in bytes 0..7 (low / high
     nibble), the top 2 bits of value j in byte 8 + j%4 at bit 2·(j//4)."""
     low = (l[:, :8] & 0x0F) | ((l[:, 8:] & 0x0F) << 4)
-    top = (l >> 4).reshape(-1, 4, 4) << torch.tensor([0, 2, 4, 6]).reshape(1, 4, 1)  # [B, j//4, j%4]
+    top = (l >> 4).reshape(-1, 4, 4) << torch.tensor([0, 2, 4, 6], device=l.device).reshape(1, 4, 1)  # [B, j//4, j%4]
     return (torch.cat([low, top.sum(dim=1)], dim=1) & 0xFF).to(torch.uint8)
 
 
 def _unpack_q3_scales(packed: torch.Tensor) -> torch.Tensor:
     p = packed.to(torch.int32)
     low = torch.cat([p[:, :8] & 0x0F, p[:, :8] >> 4], dim=1)
-    top = (p[:, 8:].reshape(-1, 1, 4) >> torch.tensor([0, 2, 4, 6]).reshape(1, 4, 1)) & 3
+    top = (p[:, 8:].reshape(-1, 1, 4) >> torch.tensor([0, 2, 4, 6], device=p.device).reshape(1, 4, 1)) & 3
     return low | (top.reshape(-1, 16) << 4)  # 0..63
 
 
@@ -311,6 +316,7 @@ class Q3_K(BlockFormat):
     """
 
     name = "Q3_K"
+    fallback = "Q4_0"
 
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
@@ -329,7 +335,7 @@ class Q3_K(BlockFormat):
         xb = blocks.reshape(B, 16, 16)
         new = nearest_int(xb / dl[..., None]).clamp(-4, 3) + 4
         L = torch.where((dl != 0)[..., None], new, _from_positions(res.L, B).reshape(B, 16, 16)).reshape(B, QK_K)
-        high = (L > 3).to(torch.int32).reshape(B, 8, 32) << torch.arange(8).reshape(1, 8, 1)
+        high = (L > 3).to(torch.int32).reshape(B, 8, 32) << torch.arange(8, device=L.device).reshape(1, 8, 1)
         hmask = high.sum(dim=1).to(torch.uint8)
         return torch.cat([hmask, _pack_2bit(L & 3), packed, fp16_bits(d)], dim=1)
 
@@ -337,7 +343,7 @@ class Q3_K(BlockFormat):
     def dequantize_blocks(cls, data: torch.Tensor) -> torch.Tensor:
         hmask, qs, scales, d = split_bytes(data, [32, 64, 12, 2])
         dl = (half_from_bytes(d) * (_unpack_q3_scales(scales) - 32).to(torch.float32))[..., None]
-        hm = (hmask.to(torch.int32).reshape(-1, 1, 32) >> torch.arange(8).reshape(1, 8, 1)) & 1
+        hm = (hmask.to(torch.int32).reshape(-1, 1, 32) >> torch.arange(8, device=hmask.device).reshape(1, 8, 1)) & 1
         q = _unpack_2bit(qs) - ((hm.reshape(-1, QK_K) ^ 1) << 2)
         return (dl * q.reshape(-1, 16, 16).to(torch.float32)).reshape(-1, QK_K)
 
@@ -361,6 +367,8 @@ class Q6_K(BlockFormat):
     """
 
     name = "Q6_K"
+    imatrix_sigma = "block"
+    fallback = "Q8_0"
 
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
@@ -380,7 +388,7 @@ class Q6_K(BlockFormat):
         ql = torch.cat(
             [(L[:, :, 0] & 0x0F) | ((L[:, :, 2] & 0x0F) << 4), (L[:, :, 1] & 0x0F) | ((L[:, :, 3] & 0x0F) << 4)], dim=2
         )
-        top = (L >> 4) << torch.tensor([0, 2, 4, 6]).reshape(1, 1, 4, 1)
+        top = (L >> 4) << torch.tensor([0, 2, 4, 6], device=L.device).reshape(1, 1, 4, 1)
         qh = top.sum(dim=2)
         out = torch.cat([ql.reshape(B, 128), qh.reshape(B, 64), sc & 0xFF], dim=1).to(torch.uint8)
         out = torch.cat([out, fp16_bits(d)], dim=1)
@@ -390,8 +398,10 @@ class Q6_K(BlockFormat):
     def dequantize_blocks(cls, data: torch.Tensor) -> torch.Tensor:
         ql, qh, scales, d = split_bytes(data, [128, 64, 16, 2])
         dl = (half_from_bytes(d) * scales.contiguous().view(torch.int8).to(torch.float32))[..., None]  # [B, 16, 1]
-        low = ql.to(torch.int32).reshape(-1, 2, 1, 64) >> torch.tensor([0, 4]).reshape(1, 1, 2, 1)
+        low = ql.to(torch.int32).reshape(-1, 2, 1, 64) >> torch.tensor([0, 4], device=ql.device).reshape(1, 1, 2, 1)
         low = (low & 0x0F).reshape(-1, 2, 4, 32)
-        high = (qh.to(torch.int32).reshape(-1, 2, 1, 32) >> torch.tensor([0, 2, 4, 6]).reshape(1, 1, 4, 1)) & 3
+        high = (
+            qh.to(torch.int32).reshape(-1, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], device=qh.device).reshape(1, 1, 4, 1)
+        ) & 3
         q = (low | (high << 4)) - 32
         return (dl * q.reshape(-1, 16, 16).to(torch.float32)).reshape(-1, QK_K)

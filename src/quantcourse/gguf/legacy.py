@@ -127,6 +127,7 @@ class Q8_0(BlockFormat):
     """
 
     name = "Q8_0"
+    no_imatrix_reason = "Q8_0 has no scale search for an importance matrix to weight (llama.cpp ignores it)"
 
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
@@ -154,6 +155,7 @@ class Q4_0(BlockFormat):
     """
 
     name = "Q4_0"
+    imatrix_sigma = "row"
 
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,6 +186,7 @@ class Q4_1(BlockFormat):
     """
 
     name = "Q4_1"
+    imatrix_sigma = "row"
     n_levels = 15
 
     @classmethod
@@ -228,6 +231,7 @@ class Q5_0(BlockFormat):
     """
 
     name = "Q5_0"
+    imatrix_sigma = "row"
 
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
@@ -260,6 +264,7 @@ class Q5_1(Q4_1):
     """
 
     name = "Q5_1"
+    imatrix_sigma = "row"
     n_levels = 31
 
     @classmethod

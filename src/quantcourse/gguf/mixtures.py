@@ -13,7 +13,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+from gguf import LlamaFileType
+
+from .base import get_format
 
 __all__ = ["MIXTURES", "TensorChoice", "use_more_bits", "tensor_type", "plan_mixture"]
 
@@ -26,8 +28,6 @@ MIXTURES: dict[str, tuple[str, LlamaFileType]] = {
     "Q5_K_M": ("Q5_K", LlamaFileType.MOSTLY_Q5_K_M),
     "Q6_K": ("Q6_K", LlamaFileType.MOSTLY_Q6_K),
 }
-# tensor_type_fallback: a 256-block type on a row that 256 does not divide
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 
 @dataclass(frozen=True)
@@ -102,13 +102,12 @@ def tensor_type(
         return TensorChoice(name, "F32", "F32", "1-D tensors and norms are not quantized")
     base = MIXTURES[mixture][0]
     wanted, reason = _mixture_rule(name, base, mixture, n_layers, tied_embeddings)
-    qtype, ne0 = wanted, shape[-1]
-    if ne0 % GGML_QUANT_SIZES[GGMLQuantizationType[wanted]][0] != 0:
-        qtype = FALLBACK.get(wanted, wanted)
-        if ne0 % GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][0] != 0:
+    qtype, ne0, fmt = wanted, shape[-1], get_format(wanted)
+    if ne0 % fmt.block_size != 0:  # tensor_type_fallback: a 256-block type on a row that 256 does not divide
+        qtype = fmt.fallback or wanted
+        if ne0 % get_format(qtype).block_size != 0:
             qtype = "F16"
-        block = GGML_QUANT_SIZES[GGMLQuantizationType[wanted]][0]
-        reason += f"; rows of {ne0} are not a multiple of {block} -> fallback {qtype}"
+        reason += f"; rows of {ne0} are not a multiple of {fmt.block_size} -> fallback {qtype}"
     return TensorChoice(name, qtype, wanted, reason)
 
 

@@ -2,10 +2,8 @@
 
 Chapter 11 (GGUF). Built on gguf-py's ``GGUFWriter``: the tensors get llama.cpp's names
 (``blk.N.attn_q.weight`` ...), the query/key matrices are permuted exactly as llama.cpp's
-``convert_hf_to_gguf.py`` does (llama.cpp's rotary embedding pairs adjacent channels; the
-Hugging Face layout pairs the two halves of each head; transformers' GGUF loader undoes the
-permutation), every tensor is quantized to the type :mod:`.mixtures` assigns, and the
-tokenizer (byte-level BPE) and hyperparameters go into the metadata.
+``convert_hf_to_gguf.py`` does (both in :mod:`.names`), every tensor is quantized to the type
+:mod:`.mixtures` assigns, and the tokenizer (byte-level BPE) and hyperparameters go into the metadata.
 """
 
 from __future__ import annotations
@@ -19,15 +17,15 @@ import numpy as np
 import torch
 
 from ..progress import progress_bar
-from .api import IMATRIX_FORMATS, dequantize, quantize
+from .api import dequantize, quantize
+from .base import get_format
 from .mixtures import MIXTURES, TensorChoice, plan_mixture
+from .names import from_gguf_layout, gguf_name, to_gguf_layout
 
 __all__ = [
     "ExportResult",
     "export_gguf",
     "gguf_state_dict",
-    "permute_qk",
-    "unpermute_qk",
     "load_gguf_weights",
     "dequantized_model",
 ]
@@ -59,40 +57,16 @@ class ExportResult:
         return self.tensor_bytes * 8 / self.n_weights
 
 
-def permute_qk(W: torch.Tensor, n_head: int) -> torch.Tensor:
-    """``convert_hf_to_gguf``'s ``LlamaModel.permute``: per head, interleave the two rotary halves.
-
-    Args:
-        W: ``[n_head * head_dim, in]`` q_proj (``n_head`` heads) or k_proj (``n_kv_head`` heads).
-    Returns:
-        a new tensor of the same shape; row ``h·d + 2i + j`` = old row ``h·d + j·d/2 + i``.
-    """
-    return W.reshape(n_head, 2, W.shape[0] // n_head // 2, *W.shape[1:]).swapaxes(1, 2).reshape(W.shape)
-
-
-def unpermute_qk(W: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Inverse of :func:`permute_qk` (what transformers' GGUF loader applies)."""
-    return W.reshape(n_head, W.shape[0] // n_head // 2, 2, *W.shape[1:]).swapaxes(1, 2).reshape(W.shape)
-
-
 def gguf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors under llama.cpp's names, q/k permuted, float32 (a tied ``lm_head`` is left out)."""
     cfg = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     out = {}
     for hf_name, t in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
             continue
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise ValueError(f"no llama.cpp name for tensor {hf_name!r}: is this a Llama-family model?")
-        t = t.detach().to(torch.float32)
-        if name.endswith("attn_q.weight"):
-            t = permute_qk(t, cfg.num_attention_heads)
-        elif name.endswith("attn_k.weight"):
-            t = permute_qk(t, cfg.num_key_value_heads)
-        out[name] = t.contiguous()
+        name = gguf_name(hf_name, cfg.num_hidden_layers)
+        out[name] = to_gguf_layout(name, t.detach().to(torch.float32), cfg).contiguous()
     return out
 
 
@@ -192,8 +166,8 @@ def export_gguf(
             data = t.to(torch.float16).numpy()
             w.add_tensor(tname, data)
         else:
-            im = imatrix.get(tname) if imatrix is not None and qtype in IMATRIX_FORMATS else None
-            data = quantize(t, qtype, imatrix=im)
+            im = imatrix.get(tname) if imatrix is not None and get_format(qtype).imatrix_sigma else None
+            data = quantize(t, qtype, imatrix=im).numpy()
             w.add_tensor(tname, data, raw_dtype=gguf.GGMLQuantizationType[qtype])
         tensor_bytes += data.nbytes
     w.write_header_to_file()
@@ -234,17 +208,23 @@ def dequantized_model(model: torch.nn.Module, path: str | os.PathLike) -> torch.
 
     cfg = model.config
     out = copy.deepcopy(model)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
     weights = load_gguf_weights(path)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
     state = out.state_dict()
     for hf_name in state:
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name not in weights:  # a tied lm_head shares token_embd
+        name = gguf_name(hf_name, cfg.num_hidden_layers)
+        if name == "output.weight" and tied and name not in weights:  # a tied lm_head is token_embd
             name = "token_embd.weight"
-        t = weights[name][1]
-        if name.endswith("attn_q.weight"):
-            t = unpermute_qk(t, cfg.num_attention_heads)
-        elif name.endswith("attn_k.weight"):
-            t = unpermute_qk(t, cfg.num_key_value_heads)
+        if name not in weights:
+            raise ValueError(
+                f"{os.fspath(path)} has no tensor {name!r} for the model's {hf_name!r}: load a file exported "
+                "from a model of the same architecture"
+            )
+        t = from_gguf_layout(name, weights[name][1], cfg)
+        if t.numel() != state[hf_name].numel():
+            raise ValueError(
+                f"{name} in {os.fspath(path)} has shape {tuple(t.shape)}, the model's {hf_name} "
+                f"{tuple(state[hf_name].shape)}: load a file exported from a model of the same architecture"
+            )
         state[hf_name].copy_(t.reshape(state[hf_name].shape))
     return out

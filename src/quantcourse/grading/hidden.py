@@ -35,6 +35,11 @@ class ShortcutUsed(AssertionError):
 
 def _resolve(target: str) -> tuple[object, str]:
     module_name, _, attr = target.rpartition(".")
+    if module_name.startswith("torch.ops."):  # a custom op (torch.ops.<namespace>.<op>): not a module
+        owner = torch.ops
+        for part in module_name.split(".")[2:]:
+            owner = getattr(owner, part)
+        return owner, attr
     return importlib.import_module(module_name), attr
 
 
@@ -58,6 +63,9 @@ def _raising_code(message: str) -> types.CodeType:
 @contextlib.contextmanager
 def forbid(*targets: str) -> Iterator[None]:
     """Inside the block, calling any of ``targets`` (dotted paths) fails the test.
+
+    A target is a module attribute (``"quantcourse.fake_quantize"``) or a registered custom op
+    (``"torch.ops.bitsandbytes.int8_vectorwise_quant"``).
 
     The attribute is replaced (calls through ``quantcourse.X`` raise :class:`ShortcutUsed`) and, for
     plain Python functions, so is the function's own code, so that an alias bound earlier

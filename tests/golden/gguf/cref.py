@@ -1,6 +1,6 @@
 """ctypes access to llama.cpp's C quantizers (``ggml_quantize_chunk`` in libggml-base).
 
-Used by ``make_golden.py`` and by the differential test in ``tests/test_gguf.py``; neither CI
+Used by ``make_golden.py`` and by the differential test in ``tests/gguf/test_gguf.py``; neither CI
 nor the course needs it. The library comes from the PyPI package ``llama-cpp-python`` (which
 compiles llama.cpp); point ``QUANTCOURSE_LIBGGML`` at ``libggml-base.so`` or install the package.
 """

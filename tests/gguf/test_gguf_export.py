@@ -187,3 +187,26 @@ def test_export_uses_the_imatrix_for_every_searched_type(tmp_path, course_model)
         assert not np.array_equal(with_im, qg.quantize(weights[name], qtype)), name  # the imatrix mattered
     # Q8_0 has no search: llama.cpp stores the same bytes with or without an imatrix
     np.testing.assert_array_equal(stored["blk.1.attn_v.weight"], qg.quantize(weights["blk.1.attn_v.weight"], "Q8_0"))
+
+
+def test_gguf_name_refuses_a_tensor_llama_cpp_has_no_name_for():
+    assert qg.gguf_name("model.layers.3.self_attn.q_proj.weight", 30) == "blk.3.attn_q.weight"
+    assert qg.gguf_name("lm_head.weight", 30) == "output.weight"
+    with pytest.raises(ValueError, match="no llama.cpp name for tensor 'transformer.h.0.attn.c_attn.weight'"):
+        qg.gguf_name("transformer.h.0.attn.c_attn.weight", 30)
+
+
+def test_dequantized_model_refuses_a_file_without_a_tensor_the_model_has(tmp_path):
+    """No silent substitution: a missing tensor is an error naming it, not another tensor's weights."""
+    from tiny_models import tiny_llama
+
+    model = tiny_llama()
+    path = tmp_path / "partial.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor("token_embd.weight", model.model.embed_tokens.weight.detach().numpy())  # nothing else
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="has no tensor 'blk.0.attn_q.weight' for the model's"):
+        qg.dequantized_model(model, path)

@@ -54,7 +54,7 @@ def test_configure_creates_work_dir_and_feedback_preprocessors(tmp_path):
 def test_repository_config_points_at_solutions_and_course():
     from traitlets.config.loader import PyFileConfigLoader
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     config = PyFileConfigLoader("nbgrader_config.py", path=str(root)).load_config()
     assert config.CourseDirectory.source_directory == str(root / "solutions")
     assert config.CourseDirectory.release_directory == str(root / "course")
