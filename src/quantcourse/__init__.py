@@ -42,6 +42,8 @@ SUBMODULES = (
     "awq",
     "smoothquant",
     "llm_int8",
+    "nf4",
+    "qlora",
     "packing",
     "serialization",
     "gguf",
