@@ -85,11 +85,11 @@ def _files(course: Course) -> list[Path]:
 _NOTE = """# For students
 
 This is the student edition of quantcourse: the book's chapters (`book/`), the library (`src/quantcourse`)
-and the assignments (`course/`). Open an assignment in JupyterLab, write your answers in the cells that
-say `raise NotImplementedError()`, run the visible tests under them, and hand the notebook in as your
-instructor says (nbgrader's exchange on JupyterHub, or a file). Hidden tests, run by the grader, compare
-your functions with the library on fresh inputs; calling the library function you are asked to write
-scores nothing.
+and the assignments (`course/`). Open an assignment in JupyterLab, write your answers in the cells whose
+body is still the placeholder that raises `NotImplementedError`, run the visible tests under them, and
+hand the notebook in as your instructor says (nbgrader's exchange on JupyterHub, or a file). Hidden
+tests, run by the grader, compare your functions with the library on fresh inputs; calling the library
+function you are asked to write scores nothing.
 
 """
 
