@@ -49,7 +49,7 @@ from torch import nn
 from . import surgery
 from .activations import ActivationQuantizer, QuantizedLinear
 from .granularity import PerChannel, PerTensor, PerToken
-from .pipeline import _check_calibration as check_token_batches
+from .pipeline import check_calibration as check_token_batches
 from .primitives import QParams, check_float_tensor, choose_qparams, quantize
 from .progress import progress_bar
 
