@@ -298,6 +298,15 @@ class RemoteObject:
             raise _error_of(reply)
         return self._session.decode(reply.get("value"), blobs)
 
+    def __getitem__(self, key):
+        """``obj[key]`` in the sandbox (a Triton kernel's ``kernel[grid]`` launcher, an element of a list)."""
+        self._check()
+        node, encoder = _encode_args((key,), {})
+        reply, blobs = self._session.request({"op": "getitem", "ref": self._ident, "key": node}, encoder.blobs)
+        if "error" in reply:
+            raise _error_of(reply)
+        return self._session.decode(reply.get("value"), blobs)
+
     def __repr__(self):
         return f"<student's {self._name}>"
 

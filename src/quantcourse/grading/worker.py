@@ -9,6 +9,7 @@ one reply per request to fd ``OUT``:
 ``call``      call a handle with arguments; reply with the result and any tensor argument it changed
 ``backward``  gradients of an earlier call's tensor results with respect to its inputs (autograd)
 ``getattr``   an attribute of a handle
+``getitem``   ``handle[key]`` (a Triton kernel's launcher ``kernel[grid]``)
 
 Nothing here is trusted: the student's code runs in this process and can replace any of it. The grader
 decides nothing from what this process says except the values it returns, which it decodes with checks.
@@ -146,6 +147,15 @@ class Worker:
 
     def op_getattr(self, request, blobs):
         value = getattr(self.handles[request["ref"]], str(request["name"]))
+        node, encoder = self._encode(value)
+        return {"value": node}, encoder.blobs
+
+    def op_getitem(self, request, blobs):
+        ((key,), _), _ = self._decode(request["key"], blobs)
+        try:
+            value = self.handles[request["ref"]][key]
+        except BaseException as exc:  # noqa: BLE001 - the student's object may raise anything
+            return {"error": _error(exc)}, []
         node, encoder = self._encode(value)
         return {"value": node}, encoder.blobs
 
