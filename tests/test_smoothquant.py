@@ -442,3 +442,13 @@ def test_smoothing_lowers_the_per_tensor_w8a8_error_on_course_model_activations(
         s = smoothing_factors(scales[f"model.layers.10.{suffix}"], weight_channel_absmax([W]), 0.8)
         smoothed = (_reference_fake_w8a8(X / s, W * s, per_token=False) - Y).pow(2).mean()
         assert smoothed < plain / 2, f"{suffix}: per-tensor W8A8 error {plain:.3g} -> {smoothed:.3g} after smoothing"
+
+
+def test_int_mm_probe_says_true_where_torch_int_mm_runs():
+    a = torch.randint(-127, 128, (32, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    b = torch.randint(-127, 128, (24, 64), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
+    try:
+        runs = torch.equal(torch._int_mm(a, b.T), (a.long() @ b.long().T).to(torch.int32))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        runs = False
+    assert smoothquant._int_mm_works("cpu") == runs
