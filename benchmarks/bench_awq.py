@@ -25,6 +25,7 @@ import copy
 import json
 import os
 import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from quantcourse import awq, data, gptq, serialization, surgery
+from quantcourse import awq, data, gptq, pipeline, serialization, surgery
 from quantcourse.evaluate import perplexity
 from quantcourse.models import COURSE_MODEL_NAME, load_model
 
@@ -58,16 +59,24 @@ def machine() -> dict:
     }
 
 
-def awq_search(calibration, n_bits: int, group_size: int) -> tuple[torch.nn.Module, awq.AWQReport, dict]:
+def cpu_seconds() -> float:
+    """CPU time of this process and its waited-for children (every thread), load-independent."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def awq_search(calibration, n_bits: int, group_size: int, search_dtype) -> tuple[torch.nn.Module, awq.AWQReport, dict]:
     """The course model after AWQ's scale and clip search (float weights), its report, and the timing record."""
     model, _ = load_model()
-    load = os.getloadavg()[0]
-    report = awq.awq_transform_model(model, calibration, n_bits, group_size=group_size)
+    load, cpu = os.getloadavg()[0], cpu_seconds()
+    report = awq.awq_transform_model(model, calibration, n_bits, group_size=group_size, search_dtype=search_dtype)
     timing = {
         "n_bits": n_bits,
         "group_size": group_size,
         "calibration": list(calibration.shape),
+        "search_dtype": str(search_dtype),
         "search_seconds": report.seconds,
+        "search_cpu_seconds": cpu_seconds() - cpu,
         "stage_seconds": report.stage_seconds(),
         "blocks": [{"block": b.index, **{k: round(v, 3) for k, v in b.seconds.items()}} for b in report.blocks],
         "load_average_start": load,
@@ -76,6 +85,31 @@ def awq_search(calibration, n_bits: int, group_size: int) -> tuple[torch.nn.Modu
         "mean_clip_ratio": {k: float(v.mean()) for k, v in report.clip_ratios.items()},
     }
     return model, report, timing
+
+
+def compare_search_dtypes(calibration, n_bits: int, group_size: int, n_blocks: int, search_dtype) -> list[dict]:
+    """The first ``n_blocks`` blocks searched twice, exactly (float32) and in ``search_dtype``: α and time of each.
+
+    Both searches see the same inputs (the float32-searched blocks before them), so any difference in
+    the chosen α is the search dtype's alone.
+    """
+    model, _ = load_model()
+    x, args, kwargs = pipeline.capture_block_inputs(model, calibration, batch_size=8)
+    rows = []
+    for i, block in enumerate(surgery.decoder_blocks(model)[:n_blocks]):
+        row, searched = {"block": i}, None
+        for label, dtype in (("float32", None), (str(search_dtype), search_dtype)):
+            ctx = pipeline.BlockContext(i, f"model.layers.{i}", copy.deepcopy(block), x, args, kwargs)
+            report = awq.awq_block(ctx, n_bits, group_size=group_size, search_dtype=dtype)
+            row[label] = {
+                "scale_search_seconds": report.seconds["scale search"],
+                "alphas": {k: s.alpha for k, s in report.searches.items()},
+            }
+            searched = searched or ctx
+        x = searched.run()  # the next block's inputs, from the exactly searched block
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 def saved_size(quantized, fresh_model, workdir: Path, name: str) -> dict:
@@ -92,7 +126,9 @@ def saved_size(quantized, fresh_model, workdir: Path, name: str) -> dict:
     }
 
 
-def table(calibration, eval_tokens, group_size: int, bits: tuple[int, ...], windows: int, save) -> dict[int, dict]:
+def table(
+    calibration, eval_tokens, group_size: int, bits: tuple[int, ...], windows: int, save, search_dtype
+) -> dict[int, dict]:
     """The chapter's table; ``save(rows)`` after every row. Returns the timing record of each AWQ search."""
     workdir = Path(tempfile.mkdtemp())
     float_model, _ = load_model()
@@ -119,7 +155,7 @@ def table(calibration, eval_tokens, group_size: int, bits: tuple[int, ...], wind
         model, _ = load_model()
         quantized = awq.round_model(model, n_bits, group_size=group_size)
         add("RTN", n_bits, model, quantized, quantized.seconds)
-        model, report, timings[n_bits] = awq_search(calibration, n_bits, group_size)
+        model, report, timings[n_bits] = awq_search(calibration, n_bits, group_size, search_dtype)
         save(rows, timings)
         alpha = sum(report.alphas.values()) / len(report.alphas)
         awq_model = copy.deepcopy(model)
@@ -146,6 +182,15 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3], help="bit widths of the table")
     parser.add_argument("--ppl-windows", type=int, default=4, help="perplexity windows of 512 held-out tokens")
+    parser.add_argument(
+        "--search-dtype",
+        choices=["float32", "bfloat16"],
+        default="bfloat16",
+        help="dtype of the scale search's replays (default bfloat16, the reference's half-precision search)",
+    )
+    parser.add_argument(
+        "--compare-blocks", type=int, default=3, help="blocks searched in both dtypes to compare the chosen α"
+    )
     parser.add_argument("--timing-only", action="store_true")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -172,13 +217,21 @@ def main() -> None:
         result["meta"]["load_average_end"] = os.getloadavg()[0]
         args.output.write_text(json.dumps(result, indent=1))
 
+    search_dtype = {"float32": None, "bfloat16": torch.bfloat16}[args.search_dtype]
+    timing_calibration = data.calibration_samples(tokenizer, args.timing_samples, args.seq_len, seed=0)
+    if args.compare_blocks and search_dtype is not None:
+        result["search_dtype_comparison"] = compare_search_dtypes(
+            timing_calibration, 4, args.group_size, args.compare_blocks, search_dtype
+        )
+        save()
     timings = {}
     if not args.timing_only:
         calibration = data.calibration_samples(tokenizer, args.n_samples, args.seq_len, seed=0)
-        timings = table(calibration, eval_tokens, args.group_size, tuple(args.bits), args.ppl_windows, save)
+        timings = table(
+            calibration, eval_tokens, args.group_size, tuple(args.bits), args.ppl_windows, save, search_dtype
+        )
     if args.timing_only or args.timing_samples != args.n_samples or 4 not in timings:
-        calibration = data.calibration_samples(tokenizer, args.timing_samples, args.seq_len, seed=0)
-        timings[4] = awq_search(calibration, 4, args.group_size)[2]
+        timings[4] = awq_search(timing_calibration, 4, args.group_size, search_dtype)[2]
     result["timing"] = timings[4]
     save()
     summary = {k: v for k, v in timings[4].items() if k not in ("blocks", "alphas", "mean_clip_ratio")}

@@ -188,6 +188,32 @@ def test_awq_on_a_tiny_model_reports_every_group_and_keeps_the_function_before_r
     assert set(report.blocks[0].seconds) == {"statistics", "scale search", "clip search"}
 
 
+def test_bfloat16_search_replays_a_copy_and_finds_the_float32_losses():
+    # The half-precision search replays a bfloat16 copy of the attention/MLP: the block itself is left in
+    # float32 and unchanged before the fold, and each α's loss is the float32 loss up to bfloat16 rounding.
+    model = _outlier_llama()
+    calibration = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    x, args, kwargs = pipeline.capture_block_inputs(model, calibration, batch_size=2)
+    block = surgery.decoder_blocks(model)[0]
+    reports = {}
+    for dtype in (None, torch.bfloat16):
+        ctx = pipeline.BlockContext(0, "model.layers.0", copy.deepcopy(block), x, args, kwargs)
+        reports[dtype] = awq.awq_block(ctx, 3, group_size=32, n_grid=10, clip=False, search_dtype=dtype)
+        assert all(p.dtype == torch.float32 for p in ctx.block.parameters())
+    exact, half = (reports[d].searches for d in (None, torch.bfloat16))
+    assert exact.keys() == half.keys()
+    for name in exact:
+        a, b = exact[name].losses, half[name].losses
+        assert not torch.equal(a, b) or name.endswith("down_proj")  # down_proj's loss is the Gram form, float32
+        torch.testing.assert_close(b, a, rtol=0.1, atol=1e-3 * float(a.max()))
+        assert abs(exact[name].alpha - half[name].alpha) <= 0.1 + 1e-9, name
+
+
+def test_a_search_dtype_that_is_not_floating_point_is_refused():
+    with pytest.raises(ValueError, match="search_dtype must be None"):
+        awq.awq_quantize_model(tiny_llama(), torch.zeros(2, 8, dtype=torch.long), search_dtype=torch.int8)
+
+
 def _outlier_llama():
     # A tiny Llama whose attention and MLP inputs carry a few large channels, as real LLMs do.
     model = tiny_llama()

@@ -40,11 +40,16 @@ Where this differs from the reference, and why:
   ``(X ΔWᵀ)²`` in exact arithmetic, without running the layer twenty times.
 - The clip search computes the error of the partial outputs as ``X_g (ΔW_g)ᵀ`` rather than as the
   difference of two products (same number, fewer cancellations).
-- The reference runs in float16 on a GPU; this module computes in the weights' dtype (float32 here).
+- The reference runs in float16 on a GPU; this module computes in the weights' dtype (float32 here),
+  except that ``search_dtype=torch.bfloat16`` replays the inspected modules of the scale search in
+  bfloat16 (a copy of each, candidates cast to it, the loss summed in float32): the same half-precision
+  search the reference runs, three times faster on a CPU with native bfloat16 matrix units. Statistics,
+  folding, clipping and rounding stay in float32 either way.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -300,20 +305,30 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def module_output_loss(linears: Sequence[nn.Linear], run: Callable[[], Sequence[torch.Tensor]]) -> LossFn:
+def module_output_loss(
+    linears: Sequence[nn.Linear],
+    run: Callable[[], Sequence[torch.Tensor]],
+    *,
+    reference: Sequence[torch.Tensor] | None = None,
+) -> LossFn:
     """A loss for :func:`search_scale` that runs the inspected module with candidate weights swapped in.
 
     Args:
-        linears: the group's layers, in the order :func:`search_scale` receives their weights.
+        linears: the group's layers, in the order :func:`search_scale` receives their weights (candidates
+            are cast to each layer's dtype, so a half-precision copy of the module can be searched).
         run: runs the inspected module on its calibration inputs and returns its outputs, one tensor
             per batch (e.g. the whole attention on each batch).
+        reference: the module's outputs with its own weights, one per batch, if already at hand (the
+            pass that recorded the calls); by default computed now with ``run``.
 
     Returns:
         ``loss(candidates)``: the mean over every element of all batches of ``(y_float - y)²``, in
-        float32 as the reference. The float outputs are computed once, now.
+        float32 as the reference.
     """
-    with torch.no_grad():
-        reference = [_first(y).detach() for y in run()]
+    if reference is None:
+        with torch.no_grad():
+            reference = [_first(y).detach() for y in run()]
+    reference = list(reference)
     n_elements = sum(y.numel() for y in reference)
 
     @torch.no_grad()
@@ -321,7 +336,7 @@ def module_output_loss(linears: Sequence[nn.Linear], run: Callable[[], Sequence[
         saved = [linear.weight.data for linear in linears]
         try:
             for linear, W in zip(linears, candidates, strict=True):
-                linear.weight.data = W
+                linear.weight.data = W.to(linear.weight.dtype)
             total = sum(
                 float(nn.functional.mse_loss(_first(y).float(), r.float(), reduction="sum"))
                 for y, r in zip(run(), reference, strict=True)
@@ -470,11 +485,50 @@ class BlockReport:
 
 
 @torch.no_grad()
-def _record_block(ctx: BlockContext, inspect: dict[str, nn.Module]) -> tuple[dict[str, list], dict[str, list]]:
-    """Run the block once; return each linear's inputs and each inspected module's calls (args, kwargs)."""
-    with surgery.record_inputs(surgery.find_linears(ctx.block)) as inputs, surgery.record_calls(inspect) as calls:
-        ctx.run()
-    return inputs, calls
+def _record_block(
+    ctx: BlockContext, inspect: dict[str, nn.Module]
+) -> tuple[dict[str, list], dict[str, list], dict[str, list]]:
+    """Run the block once; return each linear's inputs, each inspected module's calls (args, kwargs) and outputs."""
+    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in inspect}
+    handles = [
+        module.register_forward_hook(lambda m, a, out, name=name: outputs[name].append(_first(out).detach()))
+        for name, module in inspect.items()
+    ]
+    try:
+        with surgery.record_inputs(surgery.find_linears(ctx.block)) as inputs, surgery.record_calls(inspect) as calls:
+            ctx.run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs, calls, outputs
+
+
+def _cast(value, dtype: torch.dtype):
+    """``value`` with every floating-point tensor inside (tuples, lists, dicts) cast to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value
+
+
+def _replay_loss(group: surgery.ScaleGroup, calls: list, outputs: list, dtype: torch.dtype) -> LossFn:
+    """The loss of ``group``'s inspected module replayed on its recorded ``calls``, computed in ``dtype``.
+
+    In the weights' own dtype the module itself is replayed and the recorded ``outputs`` are the reference;
+    in another (bfloat16) a copy of the module in that dtype is, and its own outputs with the float weights
+    rounded to ``dtype`` are the reference, so both sides carry the same rounding of inputs and weights.
+    """
+    if dtype == group.linears[0].weight.dtype:
+        run = lambda: [group.inspect(*a, **k) for a, k in calls]  # noqa: E731
+        return module_output_loss(group.linears, run, reference=outputs)
+    module = copy.deepcopy(group.inspect).to(dtype)
+    path = {id(m): name for name, m in group.inspect.named_modules()}
+    linears = [module.get_submodule(path[id(linear)]) for linear in group.linears]
+    calls = [(_cast(a, dtype), _cast(k, dtype)) for a, k in calls]
+    return module_output_loss(linears, lambda: [module(*a, **k) for a, k in calls])
 
 
 def _flat(batches: list[torch.Tensor]) -> torch.Tensor:
@@ -489,6 +543,7 @@ def awq_block(
     group_size: int | None = 64,
     n_grid: int = N_GRID,
     clip: bool = True,
+    search_dtype: torch.dtype | None = None,
 ) -> BlockReport:
     """AWQ's scale and clip search on one decoder block, applied in place (``auto_scale_block``, ``auto_clip_block``).
 
@@ -500,7 +555,11 @@ def awq_block(
         n_bits, group_size: the grid the searches aim for.
         n_grid: ratios of the scale search, and steps of the clip search.
         clip: run the clip search.
+        search_dtype: the dtype the scale search replays the attention and MLP in; ``None``: the
+            weights' own (exact). ``torch.bfloat16`` is the reference's half-precision search, about
+            three times faster on a CPU with bfloat16 matrix units (AVX512-BF16, AMX) and on GPUs.
     """
+    _check_search_dtype(search_dtype)
     report = BlockReport(ctx.index)
     block, prefix = ctx.block, f"{ctx.name}."
     linears = surgery.find_linears(block)
@@ -508,7 +567,7 @@ def awq_block(
     groups = surgery.scale_groups(block)
     inspected = {g.name: g.inspect for g in groups if g.inspect not in g.linears}  # modules run whole
     t0 = time.perf_counter()
-    inputs, calls = _record_block(ctx, inspected)
+    inputs, calls, outputs = _record_block(ctx, inspected)
     X: dict[str, torch.Tensor] = {}  # [tokens, in] per linear; q/k/v (gate/up) share one tensor
     flat: dict[tuple[int, ...], torch.Tensor] = {}
     for name, batches in inputs.items():
@@ -519,8 +578,7 @@ def awq_block(
     found = []
     for g in groups:
         if g.name in inspected:  # the whole attention or MLP, replayed on the recorded calls
-            run = lambda g=g: [g.inspect(*a, **k) for a, k in calls[g.name]]  # noqa: E731
-            loss = module_output_loss(g.linears, run)
+            loss = _replay_loss(g, calls[g.name], outputs[g.name], search_dtype or g.linears[0].weight.dtype)
         else:  # the layer itself: exact quadratic loss from its inputs
             loss = linear_output_loss(g.linears[0].weight, X[g.name])
         search = search_scale(
@@ -607,8 +665,20 @@ class AWQReport:
         return total
 
 
-def _check_options(model: nn.Module, calibration, n_bits, group_size, n_grid, clip) -> None:
+SEARCH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _check_search_dtype(search_dtype) -> None:
+    if search_dtype is not None and search_dtype not in SEARCH_DTYPES:
+        raise ValueError(
+            f"search_dtype must be None (the weights' dtype) or one of {[str(d) for d in SEARCH_DTYPES]}, "
+            f"got {search_dtype!r}"
+        )
+
+
+def _check_options(model: nn.Module, calibration, n_bits, group_size, n_grid, clip, search_dtype=None) -> None:
     check_n_bits(n_bits)
+    _check_search_dtype(search_dtype)
     _check_group_size(group_size)
     if isinstance(n_grid, bool) or not isinstance(n_grid, int) or n_grid < 2:
         raise ValueError(f"n_grid must be an int >= 2 (the reference uses 20), got {n_grid!r}")
@@ -650,6 +720,7 @@ def awq_transform_model(
     group_size: int | None = 64,
     n_grid: int = N_GRID,
     clip: bool = True,
+    search_dtype: torch.dtype | None = None,
     batch_size: int = 8,
     progress: bool = True,
 ) -> AWQReport:
@@ -666,6 +737,7 @@ def awq_transform_model(
             on the course model, whose hidden size is 576, 32 or 64).
         n_grid: ratios α tried, and steps of the clip search (20).
         clip: run the clip search after scaling.
+        search_dtype: the dtype of the scale search's replays (:func:`awq_block`); ``None``: the weights'.
         batch_size: calibration sequences per forward pass.
         progress: a bar over the blocks.
 
@@ -673,12 +745,13 @@ def awq_transform_model(
         :class:`AWQReport` (``quantized`` is ``None``).
     """
     model = surgery.as_plain_linears(model)
-    _check_options(model, calibration, n_bits, group_size, n_grid, clip)
+    _check_options(model, calibration, n_bits, group_size, n_grid, clip, search_dtype)
     start = time.perf_counter()
     blocks: list[BlockReport] = []
 
     def transform(ctx: BlockContext) -> None:
-        blocks.append(awq_block(ctx, n_bits, group_size=group_size, n_grid=n_grid, clip=clip))
+        report = awq_block(ctx, n_bits, group_size=group_size, n_grid=n_grid, clip=clip, search_dtype=search_dtype)
+        blocks.append(report)
 
     run_blockwise(
         model,
@@ -694,6 +767,7 @@ def awq_transform_model(
         group_size=group_size,
         n_grid=n_grid,
         clip=clip,
+        search_dtype=str(search_dtype or "weights"),
         calibration=list(calibration.shape),
     )
     return AWQReport(config, blocks, time.perf_counter() - start)
@@ -707,6 +781,7 @@ def awq_quantize_model(
     group_size: int | None = 64,
     n_grid: int = N_GRID,
     clip: bool = True,
+    search_dtype: torch.dtype | None = None,
     batch_size: int = 8,
     progress: bool = True,
 ) -> AWQReport:
@@ -726,6 +801,7 @@ def awq_quantize_model(
         group_size=group_size,
         n_grid=n_grid,
         clip=clip,
+        search_dtype=search_dtype,
         batch_size=batch_size,
         progress=progress,
     )
