@@ -97,3 +97,58 @@ def test_course_tokenizer_split_sizes(course_model):
     assert 0.15 < n_eval / (n_eval + n_cal) < 0.25
     samples = data.calibration_samples(tokenizer, 4, 512, seed=0)
     assert samples.shape == (4, 512) and int(samples.max()) < len(tokenizer)
+
+
+class WordTokenizer:
+    """Words with their leading space, single spaces and punctuation as tokens (a BPE's whole words, roughly)."""
+
+    name_or_path = "words"
+    pattern = __import__("re").compile(r" ?[A-Za-z]+| ?[0-9]+|\s|[^A-Za-z0-9\s]")
+
+    def __init__(self):
+        self.pieces = sorted(set(self.pattern.findall(data.course_text())))
+        self.index = {p: i for i, p in enumerate(self.pieces)}
+
+    def __len__(self):
+        return len(self.pieces)
+
+    def __call__(self, text, return_tensors="pt", add_special_tokens=False):
+        ids = torch.tensor([self.index[p] for p in self.pattern.findall(text)], dtype=torch.int64)[None]
+        return type("Encoding", (), {"input_ids": ids})()
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids)
+
+
+@pytest.fixture(scope="module")
+def words():
+    return WordTokenizer()
+
+
+def test_word_choice_items_ask_for_the_next_whole_word(words):
+    items = data.word_choice_items(words, n_windows=4, seq_len=128, n_choices=4, min_context=16, seed=0)
+    assert len(items) > 50 and items.windows.shape == (4, 128) and items.choices.shape == (len(items), 4)
+    stream = data.eval_tokens(words)
+    assert torch.equal(items.windows.flatten(), stream[: 4 * 128])
+    for w, p, choices in zip(items.window.tolist(), items.position.tolist(), items.choices.tolist(), strict=True):
+        assert 16 <= p < 127
+        answer, after = stream[w * 128 + p + 1], stream[w * 128 + p + 2]
+        assert choices[0] == answer  # the right word comes next in the text
+        assert len(set(choices)) == 4  # distinct distractors, never the answer itself
+        for c in choices:
+            text = words.decode([c])
+            assert text[0] == " " and text[1:].isalpha() and len(text) >= 4, text
+        assert not words.decode([after])[:1].isalpha()  # the word is not continued by the next token
+    again = data.word_choice_items(words, n_windows=4, seq_len=128, n_choices=4, min_context=16, seed=0)
+    assert torch.equal(again.choices, items.choices)
+    other = data.word_choice_items(words, n_windows=4, seq_len=128, n_choices=4, min_context=16, seed=1)
+    assert torch.equal(other.choices[:, 0], items.choices[:, 0]) and not torch.equal(other.choices, items.choices)
+
+
+def test_word_choice_items_reject_bad_sizes(words):
+    with pytest.raises(ValueError, match="n_choices must be an int >= 2"):
+        data.word_choice_items(words, n_choices=1)
+    with pytest.raises(ValueError, match="min_context must be in"):
+        data.word_choice_items(words, seq_len=32, min_context=40)
+    with pytest.raises(ValueError, match="fewer than"):
+        data.word_choice_items(words, n_windows=10**6, seq_len=128)

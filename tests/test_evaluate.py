@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_models import VOCAB, one_thread, tiny_llama, tiny_opt  # noqa: F401  (one_thread: autouse fixture)
 
-from quantcourse import evaluate
+from quantcourse import data, evaluate
 
 
 def _direct_perplexity(model, tokens, seq_len, n_windows):
@@ -158,3 +158,67 @@ def test_course_model_perplexity(course_model):
     # the shipped snapshot of CPython 3.11.7's pydoc text, paragraphs deduplicated (see quantcourse.data)
     assert hashlib.sha256(data.course_text().encode()).hexdigest()[:16] == "55f2a26a44b7cc28"
     assert ppl == pytest.approx(13.34, abs=0.05)
+
+
+def _items(n_windows=3, seq_len=16, n_items=20, n_choices=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    windows = torch.randint(0, VOCAB, (n_windows, seq_len), generator=gen)
+    flat = torch.randperm(n_windows * (seq_len - 1), generator=gen)[:n_items]  # distinct (window, position)
+    window, position = flat // (seq_len - 1), flat % (seq_len - 1)
+    choices = torch.stack([torch.randperm(VOCAB, generator=gen)[:n_choices] for _ in range(n_items)])
+    return data.WordChoiceItems(windows, window, position, choices)
+
+
+def test_choice_accuracy_equals_an_item_by_item_loop(llama):
+    items = _items()
+    result = evaluate.choice_accuracy(llama, items, batch_size=2)
+    expected = []
+    for w, p, c in zip(items.window, items.position, items.choices, strict=True):
+        with torch.no_grad():
+            logits = llama(items.windows[w][None]).logits[0, p]
+        expected.append(bool(logits[c[0]] > logits[c[1:]].max()))
+    assert result.correct.tolist() == expected
+    assert result.accuracy == pytest.approx(sum(expected) / len(expected))
+    per_window = [
+        (sum(e for e, w in zip(expected, items.window.tolist(), strict=True) if w == k), (items.window == k).sum())
+        for k in range(3)
+    ]
+    assert result.standard_error > 0 and math.isfinite(result.standard_error)
+    assert sum(c for c, _ in per_window) == sum(expected)
+    assert evaluate.choice_accuracy(llama, items, batch_size=3).correct.tolist() == expected  # batch invariant
+
+
+def test_choice_accuracy_of_a_model_that_knows_the_answer():
+    items = _items(n_items=30)
+
+    class Oracle(torch.nn.Module):  # puts the highest logit on the right word of every item
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, ids, use_cache=False):
+            logits = torch.zeros(*ids.shape, VOCAB)
+            for w, p, c in zip(items.window, items.position, items.choices, strict=True):
+                if ids.shape[0] > w and torch.equal(ids[w], items.windows[w]):
+                    logits[w, p, c[0]] = 1.0
+            return type("Out", (), {"logits": logits})()
+
+    result = evaluate.choice_accuracy(Oracle(), items, batch_size=len(items.windows))
+    assert result.accuracy == 1.0 and result.standard_error == 0.0
+    uniform = evaluate.choice_accuracy(tiny_llama().eval(), items)
+    difference, se = result.paired_difference(uniform)
+    assert difference == pytest.approx(1.0 - uniform.accuracy) and se >= 0
+    assert result.paired_difference(result) == (0.0, 0.0)
+
+
+def test_choice_accuracy_refuses_mismatched_or_empty_items(llama):
+    items = _items()
+    a = evaluate.choice_accuracy(llama, items)
+    b = evaluate.choice_accuracy(llama, _items(seed=1))
+    with pytest.raises(ValueError, match="different items"):
+        a.paired_difference(b)
+    empty = data.WordChoiceItems(items.windows, items.window[:0], items.position[:0], items.choices[:0])
+    with pytest.raises(ValueError, match="holds no item"):
+        evaluate.choice_accuracy(llama, empty)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        evaluate.choice_accuracy(llama, items, batch_size=0)

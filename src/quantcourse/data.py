@@ -19,13 +19,23 @@ from __future__ import annotations
 
 import json
 import lzma
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Literal
 
 import torch
 
-__all__ = ["DATASETS", "course_text", "load_text", "token_stream", "calibration_samples", "eval_tokens"]
+__all__ = [
+    "DATASETS",
+    "course_text",
+    "load_text",
+    "token_stream",
+    "calibration_samples",
+    "eval_tokens",
+    "WordChoiceItems",
+    "word_choice_items",
+]
 
 Split = Literal["calibration", "evaluation"]
 DATASETS = ("pydoc", "wikitext2")
@@ -137,3 +147,91 @@ def calibration_samples(
 def eval_tokens(tokenizer, dataset: str = "pydoc") -> torch.Tensor:
     """The held-out split, tokenized: int64 tensor ``[n_tokens]``."""
     return token_stream(tokenizer, "evaluation", dataset)
+
+
+@dataclass(frozen=True)
+class WordChoiceItems:
+    """A next-word multiple-choice task built from held-out text (:func:`word_choice_items`).
+
+    Every item asks: after this context, which of ``n_choices`` whole words comes next? The context is
+    the window up to and including ``position``; the right word is ``choices[:, 0]``, the others are
+    distractors drawn from the same text's words by their frequency, so that chance is ``1 / n_choices``
+    and a model cannot win by preferring common words.
+
+    Attributes:
+        windows: int64 ``[n_windows, seq_len]`` token ids; one forward pass scores every item of a window.
+        window: int64 ``[n_items]``, the window of each item.
+        position: int64 ``[n_items]``, the last context position; the answer is token ``position + 1``.
+        choices: int64 ``[n_items, n_choices]`` token ids, the right word first.
+    """
+
+    windows: torch.Tensor
+    window: torch.Tensor
+    position: torch.Tensor
+    choices: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.window)
+
+
+def _whole_words(tokenizer, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two masks over the vocabulary: the token is a whole word (space, 3+ ASCII letters); it starts with a letter."""
+    vocab = int(ids.max()) + 1
+    word, letter = torch.zeros(vocab, dtype=torch.bool), torch.zeros(vocab, dtype=torch.bool)
+    for i in ids.unique().tolist():
+        text = tokenizer.decode([i])
+        word[i] = text.startswith(" ") and len(text) >= 4 and text[1:].isalpha() and text[1:].isascii()
+        letter[i] = text[:1].isalpha()
+    return word, letter
+
+
+def word_choice_items(
+    tokenizer,
+    *,
+    n_windows: int = 8,
+    seq_len: int = 256,
+    n_choices: int = 4,
+    min_context: int = 32,
+    seed: int = 0,
+    dataset: str = "pydoc",
+) -> WordChoiceItems:
+    """Next-word multiple-choice items from the held-out split: a small task accuracy beside perplexity.
+
+    An item is every position of the first ``n_windows`` windows (after ``min_context`` tokens of context)
+    whose next token is a whole word: it begins with a space, has three or more ASCII letters, and the
+    token after it does not continue it with letters. Its distractors are ``n_choices - 1`` other such
+    words, drawn without replacement with probability proportional to their count in the split, seeded.
+
+    Returns:
+        :class:`WordChoiceItems`; score a model with :func:`quantcourse.evaluate.choice_accuracy`.
+    """
+    for name, value in (("n_windows", n_windows), ("seq_len", seq_len), ("n_choices", n_choices)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2 - (name == "n_windows"):
+            raise ValueError(f"{name} must be an int >= {2 - (name == 'n_windows')}, got {value!r}")
+    if not 0 <= min_context < seq_len - 1:
+        raise ValueError(f"min_context must be in [0, seq_len - 1), got {min_context} with seq_len={seq_len}")
+    ids = token_stream(tokenizer, "evaluation", dataset)
+    if len(ids) < n_windows * seq_len + 1:
+        raise ValueError(f"the held-out text has {len(ids)} tokens, fewer than {n_windows} windows of {seq_len} + 1")
+    word, letter = _whole_words(tokenizer, ids)
+    stream = ids[: n_windows * seq_len + 1]
+    nxt, after = stream[1:].reshape(n_windows, seq_len), stream[2:]
+    after = torch.cat([after, after[-1:]]).reshape(n_windows, seq_len)  # the token after each answer
+    ok = word[nxt] & ~letter[after]
+    ok[:, :min_context] = False
+    ok[:, -1] = False  # the answer must lie inside the window
+    window, position = ok.nonzero(as_tuple=True)
+    answers = nxt[window, position]
+    counts = torch.bincount(ids[1:][word[ids[1:]] & ~letter[torch.cat([ids[2:], ids[-1:]])]], minlength=len(word))
+    pool = counts.nonzero().squeeze(1)
+    if len(pool) < n_choices:
+        raise ValueError(
+            f"the held-out text has only {len(pool)} distinct whole words, fewer than n_choices={n_choices}"
+        )
+    weights = counts[pool].double().expand(len(answers), -1).clone()
+    weights[answers[:, None] == pool[None, :]] = 0  # never the right word as its own distractor
+    gen = torch.Generator().manual_seed(seed)
+    distractors = pool[torch.multinomial(weights, n_choices - 1, replacement=False, generator=gen)]
+    return WordChoiceItems(
+        stream[:-1].reshape(n_windows, seq_len), window, position, torch.cat([answers[:, None], distractors], 1)
+    )

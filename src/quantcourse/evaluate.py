@@ -6,12 +6,26 @@ Every chapter reports these numbers; chapter 3 introduces them.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .progress import progress_bar
 
-__all__ = ["perplexity", "window_nll", "perplexity_change", "sqnr_db", "relative_error", "layer_output_error"]
+if TYPE_CHECKING:
+    from .data import WordChoiceItems
+
+__all__ = [
+    "perplexity",
+    "window_nll",
+    "perplexity_change",
+    "ChoiceAccuracy",
+    "choice_accuracy",
+    "sqnr_db",
+    "relative_error",
+    "layer_output_error",
+]
 
 
 @torch.no_grad()
@@ -150,3 +164,71 @@ def layer_output_error(W: torch.Tensor, W_hat: torch.Tensor, X: torch.Tensor) ->
         raise ValueError(f"X has {X.shape[-1]} features but W expects {W.shape[1]}")
     X = X.reshape(-1, X.shape[-1]).double()
     return relative_error(X @ W.double().T, X @ W_hat.double().T)
+
+
+@dataclass(frozen=True)
+class ChoiceAccuracy:
+    """The result of :func:`choice_accuracy`.
+
+    Attributes:
+        accuracy: the share of items whose right word scores highest among the choices.
+        standard_error: of ``accuracy``, from the spread of the per-window accuracies (items of one
+            window share their text, so they are not independent draws; this is wider than the binomial
+            ``√(p(1-p)/n)``).
+        correct: bool ``[n_items]``, per item (compare two models item by item: :meth:`paired_difference`).
+        window: int64 ``[n_items]``, each item's window.
+    """
+
+    accuracy: float
+    standard_error: float
+    correct: torch.Tensor
+    window: torch.Tensor
+
+    def paired_difference(self, other: ChoiceAccuracy) -> tuple[float, float]:
+        """``(accuracy - other.accuracy, its standard error)`` on the same items, from per-window differences."""
+        if not torch.equal(self.window, other.window):
+            raise ValueError("the two results are on different items: score both models on the same WordChoiceItems")
+        return _window_mean_and_se((self.correct.double() - other.correct.double()), self.window)
+
+
+def _window_mean_and_se(values: torch.Tensor, window: torch.Tensor) -> tuple[float, float]:
+    """Mean of ``values [n_items]`` and its standard error over windows (ratio estimator, clustered)."""
+    n_windows = int(window.max()) + 1
+    totals = torch.zeros(n_windows, dtype=torch.float64).index_add_(0, window, values)
+    counts = torch.bincount(window, minlength=n_windows).double()
+    mean = float(totals.sum() / counts.sum())
+    if n_windows < 2:
+        return mean, float("nan")
+    residual = totals - mean * counts  # each window's deviation, weighted by its number of items
+    se = math.sqrt(float(residual.square().sum()) * n_windows / (n_windows - 1)) / float(counts.sum())
+    return mean, se
+
+
+@torch.no_grad()
+def choice_accuracy(model: torch.nn.Module, items: WordChoiceItems, *, batch_size: int = 4) -> ChoiceAccuracy:
+    """Accuracy of ``model`` on next-word multiple-choice items (:func:`quantcourse.data.word_choice_items`).
+
+    One forward pass per window of ``items.windows [n_windows, seq_len]`` scores all of that window's
+    items: an item is right when the logit of its right word (``items.choices[:, 0]``) at its position
+    is strictly the largest among its choices.
+    """
+    if len(items) == 0:
+        raise ValueError("items holds no item: build them with quantcourse.data.word_choice_items")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    device = next(model.parameters()).device
+    scores = torch.empty(items.choices.shape, dtype=torch.float32)  # [n_items, n_choices]
+    was_training = model.training
+    model.eval()  # no dropout while scoring; the mode is restored below
+    try:
+        for start in range(0, len(items.windows), batch_size):
+            batch = items.windows[start : start + batch_size].to(device)  # [b, seq_len]
+            logits = model(batch, use_cache=False).logits.cpu()  # [b, seq_len, vocab]
+            in_batch = ((items.window >= start) & (items.window < start + batch_size)).nonzero().squeeze(1)
+            rows = logits[items.window[in_batch] - start, items.position[in_batch]]  # [items in batch, vocab]
+            scores[in_batch] = rows.gather(1, items.choices[in_batch]).float()
+    finally:
+        model.train(was_training)
+    correct = scores[:, 0] > scores[:, 1:].amax(1)
+    accuracy, se = _window_mean_and_se(correct.double(), items.window)
+    return ChoiceAccuracy(accuracy, se, correct, items.window)
