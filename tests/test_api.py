@@ -32,3 +32,10 @@ def test_html_table_formats_and_escapes():
 
     html = html_table([{"method": "W<4", "ppl": 13.678}], fmt={"ppl": ".2f"})
     assert "<th>method</th><th>ppl</th>" in html and '<td class="text">W&lt;4</td><td>13.68</td>' in html
+
+
+def test_html_table_shows_a_missing_value_as_a_dash_in_a_formatted_column():
+    from quantcourse.display import html_table
+
+    html = html_table([{"ppl": 13.678}, {"ppl": None}], fmt={"ppl": ".2f"})
+    assert "<td>13.68</td>" in html and '<td class="text">-</td>' in html

@@ -12,7 +12,10 @@ __all__ = ["html_table", "show_table"]
 def html_table(
     rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, fmt: dict[str, str] | None = None
 ) -> str:
-    """HTML of ``rows`` (one dict per row); ``fmt`` maps a column to a format spec such as ``".2f"``."""
+    """HTML of ``rows`` (one dict per row); ``fmt`` maps a column to a format spec such as ``".2f"``.
+
+    A ``None`` value is a missing one and shows as "-" in any column.
+    """
     if not rows:
         raise ValueError("html_table needs at least one row")
     columns = list(columns if columns is not None else rows[0])
@@ -23,7 +26,13 @@ def html_table(
 
 
 def _cell(value: Any, spec: str) -> str:
-    """One ``<td>``; text gets ``class="text"``, which the book's stylesheet aligns left (numbers right)."""
+    """One ``<td>``; text gets ``class="text"``, which the book's stylesheet aligns left (numbers right).
+
+    ``None`` is a missing value: it is shown as "-" whatever the column's format (a number format
+    such as ``".2f"`` would reject it).
+    """
+    if value is None:
+        return '<td class="text">-</td>'
     numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
     attribute = "" if numeric else ' class="text"'
     return f"<td{attribute}>{escape(format(value, spec))}</td>"
