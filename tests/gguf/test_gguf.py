@@ -208,7 +208,7 @@ def test_error_bad_threads_or_chunks(bad):
         qg.quantize(x, "Q4_K", chunk_blocks=bad)
 
 
-@pytest.mark.parametrize("name", ["Q2_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0+imatrix"])
+@pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0+imatrix"])
 def test_fast_rounding_path_equals_exact_c_rounding(monkeypatch, name):
     """The searches round with torch.round when no code can leave nearest_int's exact range;
     forcing the C bit trick everywhere must give the same bytes (tiny and huge blocks included)."""

@@ -83,6 +83,21 @@ def _c_int8(v: torch.Tensor) -> torch.Tensor:
     return _signed(trunc_to_byte(v))
 
 
+_FLT_MIN = 2.0**-126  # the smallest normal float32
+
+
+def _round_away_small(v: torch.Tensor) -> torch.Tensor:
+    """C ``roundf`` (half away from zero) of float32 ``v`` with ``|v| < 16384``, as int16.
+
+    With ``m = trunc(2v)`` (exact: doubling is exact), ``roundf(v) = (m + 1) >> 1`` for ``v >= 0`` and
+    ``m >> 1`` (floor) below zero, ``>>`` being the arithmetic shift; ``m >> 15`` is ``-1`` exactly for the
+    negative ``m``, so both are ``(m + 1 + (m >> 15)) >> 1``: four integer passes over half-width values,
+    where the float formula (:func:`round_away`) takes eight over full-width ones.
+    """
+    m = (v * 2).to(torch.int16)
+    return (m >> 15).add_(m).add_(1).bitwise_right_shift_(1)
+
+
 def _safe_recip(d: torch.Tensor) -> torch.Tensor:
     """``d ? 1.0f/d : 0.0f``"""
     return torch.where(d != 0, recip(d), torch.zeros_like(d))
@@ -131,8 +146,13 @@ class Q8_0(BlockFormat):
 
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
-        d = blocks.abs().amax(dim=1) / 127  # [B]
-        q = _c_int8(round_away(blocks * _safe_recip(d)[:, None]))
+        amax = torch.maximum(blocks.amax(dim=1), -blocks.amin(dim=1)).abs_()  # max |x| without a |x| copy; +0, not -0
+        d = amax / 127  # [B]
+        v = blocks * _safe_recip(d)[:, None]
+        if bool(((d == 0) | (d >= _FLT_MIN)).all()):  # then |v| <= 127 (1 + 1e-6): every value fits an int16
+            q = _round_away_small(v)
+        else:  # a subnormal scale: 1/d may overflow, and roundf's results may not fit int8_t
+            q = _c_int8(round_away(v))
         return torch.cat([fp16_bits(d), q.to(torch.int8).view(torch.uint8)], dim=1)
 
     @classmethod

@@ -208,7 +208,7 @@ def make_q3_quants(x: torch.Tensor, *, nmax: int = 4, n_passes: int = 5) -> Sear
 
     Start from ``l = nearest_int(−nmax / max · x)`` in −nmax..nmax−1, weights ``x²``; then up
     to ``n_passes`` passes that move one code at a time to its best value given the others and
-    keep the move when it raises ``(Σwxl)² / Σwl²`` (:func:`_coordinate_descent`).
+    keep the move when it raises ``(Σwxl)² / Σwl²`` (:func:`_descend_by_moves`).
 
     Args:
         x: float32 ``[n, B]``.
@@ -218,15 +218,99 @@ def make_q3_quants(x: torch.Tensor, *, nmax: int = 4, n_passes: int = 5) -> Sear
     mx = first_absmax(x, 0)
     w = x * x
     wx = w * x
-    L = nearest_int(div(float(-nmax), mx) * x).clamp(-nmax, nmax - 1)  # [n, B]
-    L, sumlx, suml2 = _coordinate_descent(x, w, wx, L, lowest=-nmax, highest=nmax - 1, n_passes=n_passes)
+    L = nearest_int(div(float(-nmax), mx) * x).clamp(-nmax, nmax - 1).to(torch.float32)  # [n, B]
+    L, sumlx, suml2 = _descend_by_moves(x, w, wx, L, lowest=-nmax, highest=nmax - 1, n_passes=n_passes)
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
     zero = mx.abs() < GROUP_MAX_EPS
+    L = L.to(torch.int32)
     return SearchResult(
         scale=torch.where(zero, torch.zeros_like(scale), scale),
         min=torch.zeros_like(scale),
         L=torch.where(zero, torch.zeros_like(L), L + nmax),
     )
+
+
+def _codes_near(v: torch.Tensor, lowest: int, highest: int) -> torch.Tensor:
+    """``MAX(lowest, MIN(highest, nearest_int(v)))`` as float32 (see :func:`_grid_codes` for why ``round`` may do)."""
+    lo, hi = torch.aminmax(v)  # one pass; NaN (a 0/0 the C code never reads) makes the check fail
+    if bool(lo > -_SAFE) and bool(hi < _SAFE):
+        return v.round().clamp_(lowest, highest)
+    return nearest_int(v).clamp_(lowest, highest).to(torch.float32)
+
+
+def _descend_by_moves(
+    x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, L: torch.Tensor, *, lowest: int, highest: int, n_passes: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The code-by-code passes of ``make_q3_quants``, one *move* at a time instead of one position at a time.
+
+    The C loop visits position ``i = 0, 1, …`` of a sub-block and moves code ``i`` to
+    ``nearest_int(x·Σwl²/Σwxl)`` (the others held fixed) when that raises ``(Σwxl)² / Σwl²``. Until a
+    code moves, the sums do not change, so every position up to the first move sees the same sums:
+    all 16 candidates of a sub-block can be evaluated at once, with the very float32 operations of
+    the C code, and the first position whose move is taken is the one the C loop takes. Each round
+    does that for every sub-block still searching, applies its first move, and resumes after it (a
+    pass that reaches the end starts over from position 0, up to ``n_passes`` passes; a pass without a
+    move ends the search). Four in five sub-blocks of Gaussian weights never move, and the rest move
+    about twice, so a handful of vectorized rounds replace ``16 · n_passes`` sequential steps.
+
+    Args:
+        x, w, wx: float32 ``[n, B]`` values, weights ``x²`` and their product.
+        L: float32 ``[n, B]`` starting codes (integers in lowest..highest).
+    Returns:
+        ``(L, Σwxl, Σwl²)``: float32 ``[n, B]`` codes and float32 ``[B]`` sums after the passes.
+    """
+    n, B = x.shape
+    L = L.clone()
+    wxl, wll = wx * L, w * L * L  # each term as the C loop computes it: (w·x)·l and (w·l)·l
+    sumlx, suml2 = seq_sum(wxl), seq_sum(wll)
+    rank = torch.arange(n, 0, -1, dtype=torch.float32, device=x.device)[:, None]  # n - i: the first move ranks highest
+    pos = torch.arange(n, device=x.device)[:, None]
+    # The sub-blocks still searching, compacted: their columns of every [n, B] tensor and their state.
+    # A sub-block whose terms (w·x)·l are all <= 0 never moves (half of them: l has the sign of
+    # -x·max): a float32 sum of non-positive numbers never rounds above any one of them, so Σwxl
+    # without any one term stays <= 0 and the C code's `slx > 0` fails at every position.
+    act = (wxl.amax(dim=0) > 0).nonzero().squeeze(1)
+    xa, wa, wxa, La, wxla, wlla = (t.index_select(1, act) for t in (x, w, wx, L, wxl, wll))
+    sx, s2 = sumlx[act], suml2[act]
+    A = len(act)
+    start = torch.zeros(A, dtype=torch.long, device=x.device)  # next position of the current pass
+    passes = torch.ones(A, dtype=torch.long, device=x.device)  # passes begun
+    moved = torch.zeros(A, dtype=torch.bool, device=x.device)  # a move in the current pass
+    while len(act):
+        slx = sx - wxla  # [n, A]: Σwxl without position i
+        sl2 = s2 - wlla
+        new = _codes_near(xa * sl2 / slx, lowest, highest)
+        slx_new = slx + wxa * new
+        sl2_new = sl2 + wa * new * new
+        take = (slx > 0) & (sl2_new > 0) & (new != La) & (slx_new * slx_new * s2 > (sx * sx) * sl2_new)
+        if bool((start > 0).any()):
+            take &= pos >= start
+        first = (take.to(torch.float32) * rank).amax(dim=0)  # [A]: n - (first position moved), 0 when none
+        found = first > 0
+        if bool(found.any()):  # apply each sub-block's first move, with masks (indexing scattered columns is slow)
+            i = (n - first).clamp_(max=n - 1).to(torch.long)
+            hit = (pos == i) & found  # [n, A], one True per moving sub-block
+            La = La + (new - La) * hit  # exact: small integers
+            wxla, wlla = wxa * La, wa * La * La
+            sx = torch.where(found, slx_new.gather(0, i[None])[0], sx)
+            s2 = torch.where(found, sl2_new.gather(0, i[None])[0], s2)
+            start = torch.where(found, i + 1, start)
+            moved = moved | found
+        ended = ~found | (start == n)  # this pass has no further move
+        again = ended & moved & (passes < n_passes)  # the pass moved something: one more pass
+        start = torch.where(again, 0, start)
+        passes = passes + again
+        moved = moved & ~again
+        done = ended & ~again
+        if bool(done.any()):
+            fin = done.nonzero().squeeze(1)
+            L.index_copy_(1, act[fin], La.index_select(1, fin))
+            sumlx.index_copy_(0, act[fin], sx[fin])
+            suml2.index_copy_(0, act[fin], s2[fin])
+            keep = (~done).nonzero().squeeze(1)
+            act, sx, s2, start, passes, moved = (t[keep] for t in (act, sx, s2, start, passes, moved))
+            xa, wa, wxa, La, wxla, wlla = (t.index_select(1, keep) for t in (xa, wa, wxa, La, wxla, wlla))
+    return L, sumlx, suml2
 
 
 def make_qp_quants(x: torch.Tensor, w: torch.Tensor, *, nmax: int, n_passes: int = 5) -> SearchResult:
