@@ -218,6 +218,20 @@ def test_hessian_collector_shares_one_hessian_between_layers_fed_the_same_input(
     assert Hq is Hk and Ho is not Hq and torch.allclose(Ho, Hq)
 
 
+@pytest.mark.parametrize("d,dtype", [(1000, torch.float64), (16, torch.float64), (600, torch.float32)])
+def test_hessian_collector_equals_accumulate_hessian(d, dtype):
+    # d=1000: three row blocks of unequal sizes in the upper-triangle products; 16: a single one
+    X = correlated_inputs(700, d, seed=2, dtype=dtype)
+    collect, H, n = HessianCollector(), None, 0
+    for part in X.split([100, 250, 350]):
+        collect("layer", torch.nn.Linear(d, 2), part)
+        H, n = accumulate_hessian(H, n, part)
+    got = collect.take("layer")
+    assert got.dtype == dtype and torch.equal(got, got.T)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(got, H, rtol=tol, atol=tol * H.abs().max().item())
+
+
 # ---- bad inputs: one test per message -------------------------------------------------------------
 
 
