@@ -64,6 +64,7 @@ __all__ = [
     "gptq_quantize",
     "hessian_error",
     "HessianCollector",
+    "obq_reference",
     "GPTQConfig",
     "quantize_model",
 ]
@@ -257,6 +258,73 @@ def gptq_quantize(
     return QuantizedWeight(
         weight, codes, scale, zero, n_bits, group_size, symmetric, g_idx=g_idx, perm=perm, loss=losses.sum().item()
     )
+
+
+def obq_reference(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    n_bits: int,
+    *,
+    group_size: int | None = None,
+    symmetric: bool = False,
+    act_order: bool = False,
+    static_groups: bool = False,
+    damp: float = DAMP,
+    block_size: int = BLOCK_SIZE,
+) -> tuple[torch.Tensor, float]:
+    """GPTQ written the plain way, for teaching and as the tests' reference: OBQ with one shared column order.
+
+    Float64 throughout, an explicit inverse Hessian that loses one row and column per quantized column
+    (one step of Gaussian elimination), no Cholesky factor, no lazy batches. :func:`gptq_quantize` returns
+    the same codes, and the same loss to rounding. The one trace of lazy batches is the reference's rule
+    for dynamic groups: a group's parameters come from ``W`` as it stood when the lazy block holding the
+    group's first column began (``snapshot``). Slow: ``O(in³)`` per layer, one small step per column.
+
+    Args:
+        W: float ``[out, in]``; not modified.
+        H: float ``[in, in]``, as for :func:`gptq_quantize`; not modified.
+        n_bits, group_size, symmetric, act_order, static_groups, damp, block_size: as :func:`gptq_quantize`
+            (``block_size`` only matters through the dynamic-group rule above).
+
+    Returns:
+        ``(codes, loss)``: int64 ``[out, in]`` codes in the original column order, and
+        ``Σ (w - q)² / [H_F⁻¹]_qq / 2`` over all quantized weights.
+    """
+    _check_layer(W, H, n_bits, group_size, True)
+    _check_gptq_options(group_size, static_groups, damp, block_size)
+    W, H = W.detach().double().clone(), H.detach().double().clone()
+    n = W.shape[1]
+    g, maxq = group_size or n, 2**n_bits - 1
+
+    def grid(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, zero = group_qparams(M, n_bits, symmetric=symmetric)
+        return scale[:, 0].double(), zero[:, 0].double()
+
+    params = {0: grid(W)} if group_size is None else {}
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    if static_groups:
+        params = {k: grid(W[:, k * g : (k + 1) * g]) for k in range(-(-n // g))}
+    order = torch.argsort(H.diagonal(), descending=True).tolist() if act_order else list(range(n))
+    Hinv = torch.linalg.inv(H + damp * H.diagonal().mean() * torch.eye(n, dtype=torch.float64, device=H.device))
+    codes = torch.zeros(W.shape, dtype=torch.long, device=W.device)
+    loss = 0.0
+    for j, col in enumerate(order):
+        if j % block_size == 0:
+            snapshot = W.clone()
+        if group_size is not None and not static_groups and j % g == 0:
+            params[j // g] = grid(snapshot[:, order[j : j + g]])
+        group = (col // g if static_groups else j // g) if group_size is not None else 0
+        scale, zero = params[group]
+        q = torch.clamp(torch.round(W[:, col] / scale) + zero, 0, maxq)
+        codes[:, col] = q.long()
+        err = W[:, col] - scale * (q - zero)
+        loss += (err.square().sum() / Hinv[col, col] / 2).item()
+        rest = order[j + 1 :]
+        W[:, rest] -= torch.outer(err / Hinv[col, col], Hinv[col, rest])  # OBS compensation
+        Hinv = Hinv - torch.outer(Hinv[:, col], Hinv[col, :]) / Hinv[col, col]  # remove column col
+    return codes, loss
 
 
 def hessian_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
