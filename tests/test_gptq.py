@@ -1,4 +1,4 @@
-"""GPTQ (quantcourse.gptq): equality with a plain OBQ-style reference, error properties, errors."""
+"""GPTQ (quantcourse.gptq): equality with the plain OBQ loop (gptq.obq_reference), error properties, errors."""
 
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import quantcourse as qc
-from quantcourse.gptq import HessianCollector, accumulate_hessian, gptq_quantize, hessian_error
-from quantcourse.weights import QuantizedWeight, rtn_quantize, weight_qparams
+from quantcourse.gptq import HessianCollector, accumulate_hessian, gptq_quantize, hessian_error, obq_reference
+from quantcourse.weights import QuantizedWeight, rtn_quantize
 
 
 def correlated_inputs(n_tokens, d, *, seed, dtype=torch.float64, skew=0.0):
@@ -24,50 +24,6 @@ def layer(out_f, in_f, *, seed, dtype=torch.float64, skew=0.0):
     W = torch.randn(out_f, in_f, generator=gen, dtype=dtype)
     H, _ = accumulate_hessian(None, 0, correlated_inputs(4 * in_f, in_f, seed=seed, dtype=dtype, skew=skew))
     return W, H
-
-
-def obq_reference(
-    W, H, n_bits, *, group_size=None, symmetric=False, act_order=False, static_groups=False, damp=0.01, block_size=128
-):
-    """GPTQ written the plain way (OBQ with one shared order): float64, an explicit inverse Hessian that
-    loses one row and column per quantized weight, no Cholesky, no lazy batches.
-
-    The one trace of lazy batches is the reference's rule for dynamic groups: a group's parameters come
-    from W as it stood when the lazy block holding the group's first column began (``snapshot``).
-    """
-    W, H = W.double().clone(), H.double().clone()
-    n = W.shape[1]
-    g, maxq = group_size or n, 2**n_bits - 1
-
-    def grid(M):
-        qp = weight_qparams(M, n_bits, symmetric=symmetric)
-        return qp.scale[:, 0].double(), qp.zero_point[:, 0].double()
-
-    params = {0: grid(W)} if group_size is None else {}
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    if static_groups:
-        params = {k: grid(W[:, k * g : (k + 1) * g]) for k in range(n // g)}
-    order = torch.argsort(H.diagonal(), descending=True).tolist() if act_order else list(range(n))
-    Hinv = torch.linalg.inv(H + damp * H.diagonal().mean() * torch.eye(n, dtype=torch.float64))
-    codes = torch.zeros(W.shape, dtype=torch.long)
-    loss = 0.0
-    for j, col in enumerate(order):
-        if j % block_size == 0:
-            snapshot = W.clone()
-        if group_size is not None and not static_groups and j % g == 0:
-            params[j // g] = grid(snapshot[:, order[j : j + g]])
-        group = (col // g if static_groups else j // g) if group_size is not None else 0
-        scale, zero = params[group]
-        q = torch.clamp(torch.round(W[:, col] / scale) + zero, 0, maxq)
-        codes[:, col] = q.long()
-        err = W[:, col] - scale * (q - zero)
-        loss += (err.square().sum() / Hinv[col, col] / 2).item()
-        rest = order[j + 1 :]
-        W[:, rest] -= torch.outer(err / Hinv[col, col], Hinv[col, rest])  # OBS compensation
-        Hinv = Hinv - torch.outer(Hinv[:, col], Hinv[col, :]) / Hinv[col, col]  # remove column col
-    return codes, loss
 
 
 CASES = {
@@ -216,6 +172,20 @@ def test_hessian_collector_shares_one_hessian_between_layers_fed_the_same_input(
         collect("o", q, X.clone())  # same values, another tensor: its own Hessian
     Hq, Hk, Ho = collect.take("q"), collect.take("k"), collect.take("o")
     assert Hq is Hk and Ho is not Hq and torch.allclose(Ho, Hq)
+
+
+@pytest.mark.parametrize("d,dtype", [(1000, torch.float64), (16, torch.float64), (600, torch.float32)])
+def test_hessian_collector_equals_accumulate_hessian(d, dtype):
+    # d=1000: three row blocks of unequal sizes in the upper-triangle products; 16: a single one
+    X = correlated_inputs(700, d, seed=2, dtype=dtype)
+    collect, H, n = HessianCollector(), None, 0
+    for part in X.split([100, 250, 350]):
+        collect("layer", torch.nn.Linear(d, 2), part)
+        H, n = accumulate_hessian(H, n, part)
+    got = collect.take("layer")
+    assert got.dtype == dtype and torch.equal(got, got.T)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(got, H, rtol=tol, atol=tol * H.abs().max().item())
 
 
 # ---- bad inputs: one test per message -------------------------------------------------------------

@@ -103,6 +103,32 @@ def test_quantize_model_gptq_beats_rtn_on_tiny_models(kind):
     assert errors["gptq"] < errors["rtn"]
 
 
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_collect_stops_each_pass_after_the_last_chosen_linear(kind):
+    model = surgery.as_plain_linears(tiny(kind)).eval()
+    inputs, args, kwargs = pipeline.capture_block_inputs(model, calib(), batch_size=4)
+    block = surgery.decoder_blocks(model)[0]
+    ctx = pipeline.BlockContext(0, "b", block, inputs, args, kwargs)
+    linears = ctx.linears()
+    first, last = next(iter(linears)), list(linears)[-1]
+    with surgery.record_inputs(linears) as full:
+        ctx.run()
+    got, ran_last = [], []
+    handle = linears[last].register_forward_hook(lambda *a: ran_last.append(True))
+    try:
+        ctx.collect(lambda name, linear, X: got.append((name, X.clone())), names=lambda name: name == first)
+    finally:
+        handle.remove()
+    assert not ran_last  # the pass stopped at the first linear's input
+    assert [name for name, _ in got] == [first] * len(inputs)
+    assert torch.equal(torch.cat([X for _, X in got]), torch.cat(full[first]))
+    calls = []
+    handle = block.register_forward_pre_hook(lambda *a: calls.append(True))
+    ctx.collect(lambda name, linear, X: None, names=lambda name: False)
+    handle.remove()
+    assert not calls  # nothing chosen: no pass at all
+
+
 def test_rtn_needs_no_data_and_runs_no_forward():
     model = tiny("llama")
     model.forward = None  # any forward pass would fail

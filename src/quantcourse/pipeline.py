@@ -12,7 +12,8 @@ runs on Llama-style (Llama, SmolLM2, Mistral, Qwen2), OPT and GPT-2 causal LMs.
                 use_cache=False); a forward pre-hook records them and stops the forward pass
     for each block i, in order (tqdm bar over the blocks):
       collect   run block i on its inputs with hooks on its linear layers:
-                collect(name, linear, X [tokens, in]) for every linear and batch
+                collect(name, linear, X [tokens, in]) for every linear and batch; each
+                batch's pass stops once the last chosen linear has its input
       transform transform_block(ctx): change the block (smoothing, scaling); it may run the block,
                 or collect again, through ctx
       quantize  quantize_linear(name, linear) for each linear of the block, in definition order
@@ -54,7 +55,7 @@ QuantizeLinearFn = Callable[[str, nn.Linear], None]  # (name, linear): replace l
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook once the first block's inputs are recorded."""
+    """Raised by a hook once what a forward pass was run for is recorded (the rest is not computed)."""
 
 
 def _block_output(out: Any) -> torch.Tensor:
@@ -98,10 +99,29 @@ class BlockContext:
         ``X`` is ``[tokens, in]`` (batch and sequence flattened), one call per linear and batch, in
         execution order. Linears fed the same tensor (q/k/v, gate/up) receive the very same ``X``
         object, so a collector can do shared work once (``X is previous_X``).
+
+        Each batch's forward pass stops as soon as every chosen linear has received its input (a hook
+        raises an exception that this method catches): nothing after it is computed, since only the
+        inputs are wanted. For the whole block that skips the last linear (``down_proj``) and what
+        follows it; for one early layer, most of the block. (A linear called more than once per pass
+        would miss its calls after that point; no supported block does this.)
         """
         linears = {name: linear for name, linear in self.linears().items() if names(name)}
-        with surgery.record_inputs(linears, fn):
-            self.run()
+        if not linears:
+            return
+        seen: set[str] = set()
+
+        def on_input(name: str, linear: nn.Linear, X: torch.Tensor) -> None:
+            fn(name, linear, X)
+            seen.add(name)
+            if len(seen) == len(linears):
+                raise _StopForward
+
+        with surgery.record_inputs(linears, on_input):
+            for x, a, k in zip(self.inputs, self.args, self.kwargs, strict=True):
+                seen.clear()
+                with contextlib.suppress(_StopForward):
+                    self.block(x, *a, **k)
 
 
 def check_calibration(calibration: torch.Tensor, batch_size: int) -> None:
