@@ -32,6 +32,7 @@ rounding error of a tie between two codes (about one element in a million at 8 b
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -182,6 +183,40 @@ def _check_qparams(qparams: QParams, x: torch.Tensor, name: str) -> None:
             f"with {g} needs {expected}: compute them with choose_qparams on a tensor shaped like {name}"
         )
 
+# Elements per block in quantize, dequantize and fake_quantize on a CPU: 2^18 float32 values are
+# 1 MiB, which stays in a core's L2 cache while the few steps of the formula run over it.
+BLOCK_ELEMENTS = 2**18
+
+
+def _blocks(x: torch.Tensor, p: torch.Tensor) -> Iterator[tuple[tuple[slice, ...], tuple[slice, ...]]]:
+    """Index tuples that tile ``x`` in blocks of whole rows, and the matching indices into ``p``.
+
+    ``p`` (scales or zero points) broadcasts against ``x``; along a dimension where ``p`` has size 1
+    its index is the whole dimension. A block holds at most ``BLOCK_ELEMENTS`` elements where the
+    rows allow it (a row longer than that is split along its next dimension). Off the CPU the whole
+    tensor is one block: a GPU has no small cache to keep the block in, and more kernels cost time.
+    """
+    size = BLOCK_ELEMENTS if x.device.type == "cpu" else x.numel()
+    p_shape = (1,) * (x.dim() - p.dim()) + tuple(p.shape)  # p's shape aligned with x's dimensions
+    for rows in _row_blocks(tuple(x.shape), size):
+        full = tuple(slice(None) if n == 1 else s for n, s in zip(p_shape, rows))
+        yield rows, full[x.dim() - p.dim() :]
+
+
+def _row_blocks(shape: tuple[int, ...], size: int) -> Iterator[tuple[slice, ...]]:
+    if not shape:  # a 0-d tensor: one block, the element itself
+        yield ()
+        return
+    row = math.prod(shape[1:])
+    if row <= size or len(shape) == 1:
+        step = max(1, size // max(row, 1))
+        for i in range(0, shape[0], step):
+            yield (slice(i, i + step),)
+    else:
+        for i in range(shape[0]):
+            for rest in _row_blocks(shape[1:], size):
+                yield (slice(i, i + 1), *rest)
+
 
 def quantize(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
     """Map ``x`` to integer codes: ``clamp(round(x / scale) + zero_point, qmin, qmax)``.
@@ -193,17 +228,25 @@ def quantize(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
     Returns:
         int8 codes in ``[qmin, qmax]`` (symmetric) or uint8 codes (asymmetric), of ``x``'s shape.
     """
-    check_float_tensor(x)
+    _check_float_type(x, "x")
     _check_qparams(qparams, x, "x")
     g = qparams.granularity
     # Views that broadcast: for PerGroup(g) x as [out, in // g, g] against scales [out, in // g, 1].
     xg, scale = g.broadcast(x.detach(), qparams.scale)
-    q = torch.div(xg.float(), scale)  # the one new float tensor; the steps below update it in place
-    q.round_()  # half to even
-    if not qparams.symmetric:
-        q.add_(g.broadcast(x, qparams.zero_point)[1])
-    q.clamp_(qparams.qmin, qparams.qmax)
-    return q.reshape(x.shape).to(qparams.code_dtype)
+    zero_point = g.broadcast(x, qparams.zero_point)[1]
+    q = torch.empty_like(xg, dtype=qparams.code_dtype)  # x's memory layout, as x / scale would have
+    # A few rows at a time (see _blocks): each block of x is read from memory once, and the float
+    # steps run on a small temporary that stays in cache, not on a full-size float32 tensor.
+    for rows, params in _blocks(xg, scale):
+        block = xg[rows]
+        if not torch.isfinite(block.sum()):  # NaN or Inf (or a sum that overflowed: recount)
+            _raise_if_not_finite(x, "x")
+        codes = torch.div(block.float(), scale[params])  # x / scale, a true division
+        codes.round_()  # half to even
+        if not qparams.symmetric:
+            codes.add_(zero_point[params])
+        q[rows] = codes.clamp_(qparams.qmin, qparams.qmax)  # the integer cast of exact integers
+    return q.reshape(x.shape)
 
 
 def dequantize(q: torch.Tensor, qparams: QParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -226,11 +269,16 @@ def dequantize(q: torch.Tensor, qparams: QParams, dtype: torch.dtype = torch.flo
         raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.float32, got {dtype!r}")
     _check_qparams(qparams, q, "q")
     g = qparams.granularity
-    x_hat = q.to(torch.float32, memory_format=torch.contiguous_format)  # the one new tensor
-    xg, scale = g.broadcast(x_hat, qparams.scale)  # views of x_hat: the in-place steps write into it
-    if not qparams.symmetric:
-        xg.sub_(g.broadcast(x_hat, qparams.zero_point)[1])  # integers below 2^9: exact in float32
-    xg.mul_(scale)
+    x_hat = torch.empty(q.shape, dtype=torch.float32, device=q.device)  # the one new tensor
+    qg, scale = g.broadcast(q, qparams.scale)
+    xg = g.broadcast(x_hat, qparams.scale)[0]  # a view of x_hat: the in-place steps write into it
+    zero_point = g.broadcast(q, qparams.zero_point)[1]
+    for rows, params in _blocks(qg, scale):  # a cache-sized block of x_hat at a time
+        block = xg[rows]
+        block.copy_(qg[rows])  # the codes as float32
+        if not qparams.symmetric:
+            block.sub_(zero_point[params])  # integers below 2^9: exact in float32
+        block.mul_(scale[params])
     return x_hat.to(dtype)
 
 
@@ -250,12 +298,15 @@ def fake_quantize(
     """
     qparams = choose_qparams(x, n_bits, symmetric=symmetric, granularity=granularity)
     # dequantize(quantize(x)) without the integer tensor in between (half the memory traffic):
-    # the codes stay in one float32 tensor, where they are exact integers, and are scaled back.
+    # the codes stay in float32, where they are exact integers, and are scaled back block by block.
     g = qparams.granularity
     xg, scale = g.broadcast(x.detach(), qparams.scale)
     zero_point = g.broadcast(x, qparams.zero_point)[1]
-    x_hat = torch.div(xg.float(), scale).round_()
-    x_hat.add_(zero_point).clamp_(qparams.qmin, qparams.qmax).sub_(zero_point).mul_(scale)
+    x_hat = torch.empty_like(xg, dtype=torch.float32)
+    for rows, params in _blocks(xg, scale):
+        block = torch.div(xg[rows].float(), scale[params], out=x_hat[rows]).round_()
+        block.add_(zero_point[params]).clamp_(qparams.qmin, qparams.qmax).sub_(zero_point[params])
+        block.mul_(scale[params])
     return x_hat.reshape(x.shape).to(x.dtype)
 
 
