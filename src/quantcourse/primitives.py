@@ -183,6 +183,7 @@ def _check_qparams(qparams: QParams, x: torch.Tensor, name: str) -> None:
             f"with {g} needs {expected}: compute them with choose_qparams on a tensor shaped like {name}"
         )
 
+
 # Elements per block in quantize, dequantize and fake_quantize on a CPU: 2^18 float32 values are
 # 1 MiB, which stays in a core's L2 cache while the few steps of the formula run over it.
 BLOCK_ELEMENTS = 2**18
@@ -199,7 +200,7 @@ def _blocks(x: torch.Tensor, p: torch.Tensor) -> Iterator[tuple[tuple[slice, ...
     size = BLOCK_ELEMENTS if x.device.type == "cpu" else x.numel()
     p_shape = (1,) * (x.dim() - p.dim()) + tuple(p.shape)  # p's shape aligned with x's dimensions
     for rows in _row_blocks(tuple(x.shape), size):
-        full = tuple(slice(None) if n == 1 else s for n, s in zip(p_shape, rows))
+        full = tuple(slice(None) if n == 1 else s for n, s in zip(p_shape, rows, strict=False))  # trailing dims: whole
         yield rows, full[x.dim() - p.dim() :]
 
 
