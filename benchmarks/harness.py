@@ -139,10 +139,12 @@ def environment_lines(peers: Iterable[str] = (), *, device: str | None = None) -
     if device is None:
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     versions = ", ".join(f"{p} {_version(p)}" for p in ["quantcourse", *peers])
+    load = os.getloadavg()[0]
     return [
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- machine: {cpu_name()}, {os.cpu_count()} logical cores; device: {device}",
-        f"- load average at the start: {os.getloadavg()[0]:.1f} (above the core count: the cores were shared)",
+        f"- load average at the start: {load:.1f}"
+        + (" (above the core count: the cores were shared)" if load > (os.cpu_count() or 1) else ""),
         f"- Python {platform.python_version()}, torch {torch.__version__}, {versions}",
         f"- torch threads: {torch.get_num_threads()}",
     ]

@@ -96,6 +96,92 @@ def test_round_trip_codes_and_zero_point(n_bits, granularity, symmetric):
     assert torch.equal(x, x_before) and torch.equal(q, q_before)
 
 
+# ---------------------------------------------------------------- blockwise = whole-tensor formula
+# quantize, dequantize and fake_quantize run a cache-sized block of rows at a time on a CPU. The
+# reference below is the formula on the whole tensor at once (the library's previous code): the
+# results must be the same bits, dtypes and strides, whatever the block boundaries.
+
+
+def _reference(x, qp):
+    """(codes, dequantized float32, fake-quantized) computed on the whole tensor at once."""
+    g = qp.granularity
+    xg, scale = g.broadcast(x.detach(), qp.scale)
+    zero_point = g.broadcast(x, qp.zero_point)[1]
+    codes = torch.div(xg.float(), scale).round_()
+    if not qp.symmetric:
+        codes.add_(zero_point)
+    codes = codes.clamp_(qp.qmin, qp.qmax).reshape(x.shape).to(qp.code_dtype)
+    x_hat = codes.to(torch.float32, memory_format=torch.contiguous_format)
+    hg = g.broadcast(x_hat, qp.scale)[0]
+    if not qp.symmetric:
+        hg.sub_(zero_point)
+    hg.mul_(scale)
+    fake = torch.div(xg.float(), scale).round_().add_(zero_point).clamp_(qp.qmin, qp.qmax).sub_(zero_point)
+    return codes, x_hat, fake.mul_(scale).reshape(x.shape).to(x.dtype)
+
+
+def _same_bits(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+    assert torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+
+
+def _block_inputs():
+    g = torch.Generator().manual_seed(3)
+    edge = torch.randn(12, 64, generator=g)
+    edge[0] = 0.0  # an all-zero row: scale SCALE_EPS
+    edge[1] = -0.0
+    edge[2, ::2] = 1e30  # huge values next to tiny ones
+    edge[3] = -1e-40  # subnormals
+    edge[4] = torch.linspace(-1, 1, 64)
+    ties = (torch.randint(-300, 300, (10, 32), generator=g).float() + 0.5) / 254
+    ties[:, 0] = 1.0  # scale 1/127 per row: x / scale lands on the ties k + 1/2
+    return {
+        "randn 2-D": torch.randn(37, 96, generator=g) * 0.02,
+        "randn 3-D": torch.randn(3, 5, 64, generator=g),
+        "vector": torch.randn(1000, generator=g),
+        "long rows": torch.randn(2, 3000, generator=g),
+        "scalar": torch.tensor(0.7),
+        "edge": edge,
+        "ties": ties,
+        "transposed": torch.randn(64, 48, generator=g).t(),
+        "float16": torch.randn(20, 64, generator=g).half(),
+        "bfloat16": torch.randn(20, 64, generator=g).bfloat16(),
+        "float64": torch.randn(20, 64, generator=g).double(),
+    }
+
+
+def _granularities(x):
+    out = [PerTensor(), *(PerChannel(a) for a in range(x.dim()))]
+    if x.dim():
+        out += [PerToken(), *(PerGroup(gs) for gs in (1, 16, 32) if x.shape[-1] % gs == 0)]
+    return out
+
+
+@pytest.mark.parametrize("block_elements", [7, 64, 2**18])
+@pytest.mark.parametrize("name", list(_block_inputs()))
+def test_blockwise_equals_the_whole_tensor_formula(name, block_elements, monkeypatch):
+    monkeypatch.setattr(qc.primitives, "BLOCK_ELEMENTS", block_elements)
+    x = _block_inputs()[name]
+    for granularity in _granularities(x):
+        for n_bits, symmetric in [(8, True), (4, True), (8, False), (4, False), (2, False)]:
+            qp = qc.choose_qparams(x, n_bits, symmetric=symmetric, granularity=granularity)
+            codes, x_hat, fake = _reference(x, qp)
+            _same_bits(qc.quantize(x, qp), codes)
+            _same_bits(qc.dequantize(codes, qp), x_hat)
+            _same_bits(qc.dequantize(codes, qp, torch.float16), x_hat.half())
+            _same_bits(qc.fake_quantize(x, n_bits, symmetric=symmetric, granularity=granularity), fake)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_or_inf_in_a_late_block_of_quantize(bad, monkeypatch):
+    monkeypatch.setattr(qc.primitives, "BLOCK_ELEMENTS", 64)
+    x = torch.randn(32, 64)
+    qp = qc.choose_qparams(x, 8, granularity=PerChannel(0))
+    x[-1, -1] = bad  # in the last of 32 blocks
+    with pytest.raises(ValueError, match="contains 1 NaN or Inf values"):
+        qc.quantize(x, qp)
+
+
 @pytest.mark.parametrize("symmetric", SCHEMES.values(), ids=SCHEMES.keys())
 @pytest.mark.parametrize("n_bits", [2, 4, 8])
 def test_fake_quantize_is_idempotent(n_bits, symmetric):

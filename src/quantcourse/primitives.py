@@ -200,9 +200,7 @@ def _blocks(x: torch.Tensor, p: torch.Tensor) -> Iterator[tuple[tuple[slice, ...
     size = BLOCK_ELEMENTS if x.device.type == "cpu" else x.numel()
     p_shape = (1,) * (x.dim() - p.dim()) + tuple(p.shape)  # p's shape aligned with x's dimensions
     for rows in _row_blocks(tuple(x.shape), size):
-        full = tuple(
-            slice(None) if n == 1 else s for n, s in zip(p_shape, rows, strict=False)
-        )  # rows may omit trailing whole dims
+        full = tuple(slice(None) if n == 1 else s for n, s in zip(p_shape, rows, strict=False))  # trailing dims: whole
         yield rows, full[x.dim() - p.dim() :]
 
 
