@@ -169,7 +169,7 @@ def _granularities(x):
     return out
 
 
-@pytest.mark.parametrize("block_elements", [7, 64, 2**18])
+@pytest.mark.parametrize("block_elements", [7, 64, 2**19])
 @pytest.mark.parametrize("name", list(_block_inputs()))
 def test_blockwise_equals_the_whole_tensor_formula(name, block_elements, monkeypatch):
     monkeypatch.setattr(qc.primitives, "BLOCK_ELEMENTS", block_elements)

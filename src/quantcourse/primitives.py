@@ -151,9 +151,11 @@ def choose_qparams(
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be True (absmax) or False (zero point), got {symmetric!r}")
     _check_granularity(granularity, x)
-    # amax/amin propagate NaN and Inf, so their sums are finite unless some element is not (or a
-    # huge sum overflowed: recount).
-    hi, lo = (r.float() for r in _range(x.detach(), granularity))
+    # The max and the min per parameter (see _range: no copy of x, a cache-sized block at a time).
+    # They propagate NaN and Inf, so their sums are finite unless some element is not (or a huge
+    # sum overflowed: recount).
+    hi, lo = _range(x.detach(), granularity)
+    hi, lo = hi.float(), lo.float()
     if not math.isfinite(hi.sum().item() - lo.sum().item()):
         _raise_if_not_finite(x, "x")
     if symmetric:
