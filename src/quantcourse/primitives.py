@@ -175,8 +175,8 @@ def choose_qparams(
 # read from memory once and the few steps of the formula then run over it in cache. 2^19 float32
 # values are 2 MiB: a block and its scratch buffer stay in cache (1 MiB of L2 per core, 32 MiB of
 # L3 on the course machine), and each torch call (a few microseconds) is paid 32 times for a
-# 4096 x 4096 matrix, not 128. Measured there, one thread: int8 choose_qparams + quantize takes
-# 17.2, 14.4, 13.2 and 13.5 ms with blocks of 2^17, 2^18, 2^19 and 2^20.
+# 4096 x 4096 matrix, not 128. Measured there (one thread, CPU time, load 3.8, 2026-12-06): int8
+# choose_qparams + quantize took 17.2, 14.4, 13.2 and 13.5 ms with blocks of 2^17, 2^18, 2^19, 2^20.
 BLOCK_ELEMENTS = 2**19
 
 
