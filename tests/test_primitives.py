@@ -102,6 +102,17 @@ def test_round_trip_codes_and_zero_point(n_bits, granularity, symmetric):
 # results must be the same bits, dtypes and strides, whatever the block boundaries.
 
 
+def _reference_qparams(x, n_bits, symmetric, g):
+    """(scale, zero_point) from amax and amin of the whole tensor at once."""
+    hi, lo = g.reduce(x, torch.amax).float(), g.reduce(x, torch.amin).float()
+    if symmetric:
+        scale = (torch.maximum(hi, -lo) / (2 ** (n_bits - 1) - 1)).clamp(min=qc.primitives.SCALE_EPS)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    scale = ((hi - lo) / (2**n_bits - 1)).clamp(min=qc.primitives.SCALE_EPS)
+    return scale, torch.round(-lo / scale).clamp(0, 2**n_bits - 1).to(torch.int32)
+
+
 def _reference(x, qp):
     """(codes, dequantized float32, fake-quantized) computed on the whole tensor at once."""
     g = qp.granularity
@@ -133,6 +144,7 @@ def _block_inputs():
     edge[2, ::2] = 1e30  # huge values next to tiny ones
     edge[3] = -1e-40  # subnormals
     edge[4] = torch.linspace(-1, 1, 64)
+    edge[5] = torch.tensor([0.0, -0.0]).repeat(32)  # zeros of both signs: amax/amin may return either
     ties = (torch.randint(-300, 300, (10, 32), generator=g).float() + 0.5) / 254
     ties[:, 0] = 1.0  # scale 1/127 per row: x / scale lands on the ties k + 1/2
     return {
@@ -157,7 +169,7 @@ def _granularities(x):
     return out
 
 
-@pytest.mark.parametrize("block_elements", [7, 64, 2**18])
+@pytest.mark.parametrize("block_elements", [7, 64, 2**19])
 @pytest.mark.parametrize("name", list(_block_inputs()))
 def test_blockwise_equals_the_whole_tensor_formula(name, block_elements, monkeypatch):
     monkeypatch.setattr(qc.primitives, "BLOCK_ELEMENTS", block_elements)
@@ -165,6 +177,9 @@ def test_blockwise_equals_the_whole_tensor_formula(name, block_elements, monkeyp
     for granularity in _granularities(x):
         for n_bits, symmetric in [(8, True), (4, True), (8, False), (4, False), (2, False)]:
             qp = qc.choose_qparams(x, n_bits, symmetric=symmetric, granularity=granularity)
+            scale, zero_point = _reference_qparams(x, n_bits, symmetric, granularity)
+            _same_bits(qp.scale, scale)
+            _same_bits(qp.zero_point, zero_point)
             codes, x_hat, fake = _reference(x, qp)
             _same_bits(qc.quantize(x, qp), codes)
             _same_bits(qc.dequantize(codes, qp), x_hat)
@@ -410,11 +425,13 @@ def test_not_a_tensor():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
-def test_nan_inf_in_choose_qparams(bad):
+@pytest.mark.parametrize("granularity", [PerGroup(16), PerTensor(), PerChannel(1)], ids=str)
+def test_nan_inf_in_choose_qparams(bad, granularity, monkeypatch):
+    monkeypatch.setattr(qc.primitives, "BLOCK_ELEMENTS", 64)  # one row a block: the bad value in the third
     x = torch.randn(4, 64)
     x[2, 17] = bad
     with pytest.raises(ValueError, match="contains 1 NaN or Inf values"):
-        qc.choose_qparams(x, 4, symmetric=False, granularity=PerGroup(16))
+        qc.choose_qparams(x, 4, symmetric=False, granularity=granularity)
 
 
 def test_nan_in_quantize():
