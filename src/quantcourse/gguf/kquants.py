@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .base import BlockFormat, half_from_bytes, split_bytes
-from .cfloat import div, first_absmax, fp16_bits, fp16_round, nearest_int, positive_max, seq_sum, sqrtf
+from .cfloat import div, first_absmax, fp16_bits, fp16_round, nearest_int, positive_max, select_int, seq_sum, sqrtf
 from .search import GROUP_MAX_EPS, make_q3_quants, make_qkx2_quants, make_qp_quants, make_qx_quants
 
 __all__ = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "pack_scale_min_k4", "unpack_scale_min_k4"]
@@ -92,7 +92,7 @@ def _requantize(x: torch.Tensor, d: torch.Tensor, dm: torch.Tensor, L: torch.Ten
     x, L: ``[B, subs, n]``; d, dm: float32 ``[B, subs]``.
     """
     new = nearest_int((x + dm[..., None]) / d[..., None]).clamp(0, qmax)
-    return torch.where((d != 0)[..., None], new, L)
+    return select_int((d != 0)[..., None], new, L)
 
 
 class _AsymmetricK(BlockFormat):
@@ -334,7 +334,7 @@ class Q3_K(BlockFormat):
         dl = fp16_round(d)[:, None] * sc  # [B, 16]
         xb = blocks.reshape(B, 16, 16)
         new = nearest_int(xb / dl[..., None]).clamp(-4, 3) + 4
-        L = torch.where((dl != 0)[..., None], new, _from_positions(res.L, B).reshape(B, 16, 16)).reshape(B, QK_K)
+        L = select_int((dl != 0)[..., None], new, _from_positions(res.L, B).reshape(B, 16, 16)).reshape(B, QK_K)
         high = (L > 3).to(torch.int32).reshape(B, 8, 32) << torch.arange(8, device=L.device).reshape(1, 8, 1)
         hmask = high.sum(dim=1).to(torch.uint8)
         return torch.cat([hmask, _pack_2bit(L & 3), packed, fp16_bits(d)], dim=1)
@@ -384,7 +384,7 @@ class Q6_K(BlockFormat):
         dl = fp16_round(d)[:, None] * sc.to(torch.float32)
         xb = blocks.reshape(B, 16, 16)
         new = nearest_int(xb / dl[..., None]).clamp(-32, 31) + 32
-        L = torch.where((dl != 0)[..., None], new, _from_positions(res.L, B).reshape(B, 16, 16)).reshape(B, 2, 4, 32)
+        L = select_int((dl != 0)[..., None], new, _from_positions(res.L, B).reshape(B, 16, 16)).reshape(B, 2, 4, 32)
         ql = torch.cat(
             [(L[:, :, 0] & 0x0F) | ((L[:, :, 2] & 0x0F) << 4), (L[:, :, 1] & 0x0F) | ((L[:, :, 3] & 0x0F) << 4)], dim=2
         )
@@ -392,7 +392,7 @@ class Q6_K(BlockFormat):
         qh = top.sum(dim=2)
         out = torch.cat([ql.reshape(B, 128), qh.reshape(B, 64), sc & 0xFF], dim=1).to(torch.uint8)
         out = torch.cat([out, fp16_bits(d)], dim=1)
-        return torch.where(zero[:, None], torch.zeros_like(out), out)
+        return out.mul_((~zero)[:, None].to(torch.uint8))  # zero super-blocks: all bytes 0
 
     @classmethod
     def dequantize_blocks(cls, data: torch.Tensor) -> torch.Tensor:
