@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .cfloat import div, first_absmax, nearest_int, positive_max, recip, seq_sum
+from .cfloat import div, first_absmax, nearest_int, nearest_int_, positive_max, recip, seq_sum
 
 __all__ = ["SearchResult", "make_qkx2_quants", "make_qx_quants", "make_q3_quants", "make_qp_quants"]
 
@@ -259,11 +259,12 @@ def make_q3_quants(x: torch.Tensor, *, nmax: int = 4, n_passes: int = 5) -> Sear
 
 
 def _codes_near(v: torch.Tensor, lowest: int, highest: int) -> torch.Tensor:
-    """``MAX(lowest, MIN(highest, nearest_int(v)))`` as float32 (see :func:`_grid_codes` for why ``round`` may do)."""
+    """``MAX(lowest, MIN(highest, nearest_int(v)))`` as float32, in place of the temporary ``v``
+    (see :func:`_grid_codes` for why ``round`` may do)."""
     lo, hi = torch.aminmax(v)  # one pass; NaN (a 0/0 the C code never reads) makes the check fail
     if bool(lo > -_SAFE) and bool(hi < _SAFE):
-        return v.round().clamp_(lowest, highest)
-    return nearest_int(v).clamp_(lowest, highest).to(torch.float32)
+        return v.round_().clamp_(lowest, highest)
+    return nearest_int_(v).clamp_(lowest, highest).to(torch.float32)
 
 
 def _descend_by_moves(
@@ -305,11 +306,14 @@ def _descend_by_moves(
     passes = torch.ones(A, dtype=torch.long, device=x.device)  # passes begun
     moved = torch.zeros(A, dtype=torch.bool, device=x.device)  # a move in the current pass
     while len(act):
-        slx = sx - wxa * La  # [n, A]: Σwxl without position i
-        sl2 = s2 - wa * La * La
-        new = _codes_near(xa * sl2 / slx, lowest, highest)
-        slx_new = slx + wxa * new
-        sl2_new = sl2 + wa * new * new
+        # in place where a temporary allows: fresh [n, A] tensors cost more than the arithmetic on them
+        wxl = torch.mul(wxa, La)
+        slx = torch.sub(sx, wxl, out=wxl)  # [n, A]: Σwxl without position i
+        wl = torch.mul(wa, La)
+        sl2 = torch.sub(s2, wl.mul_(La), out=wl)
+        new = _codes_near(torch.mul(xa, sl2).div_(slx), lowest, highest)
+        slx_new = torch.mul(wxa, new).add_(slx)
+        sl2_new = torch.mul(wa, new).mul_(new).add_(sl2)
         # (slx > 0) & (sl2_new > 0) in one comparison (a NaN fails both ways); comparisons make bool tensors,
         # several times slower than arithmetic here
         take = (torch.minimum(slx, sl2_new) > 0) & (new != La) & (slx_new * slx_new * s2 > (sx * sx) * sl2_new)
