@@ -186,19 +186,18 @@ def make_qx_quants(x: torch.Tensor, *, nmax: int, w: torch.Tensor | None = None)
     zero = torch.zeros_like(mx)
     scale = torch.where(suml2[0] != 0, sumlx[0] / suml2[0], zero)
     best = scale * sumlx[0]
-    # what the sequential choice needs of every candidate, as [19, B] ops
-    positive, square, value = suml2 > 0, sumlx * sumlx, sumlx / suml2 * sumlx
     pick = torch.zeros(mx.shape, dtype=torch.int32, device=x.device)  # index of the candidate kept
-    for k in range(1, len(steps)):
-        better = positive[k] & (square[k] > best * suml2[k])
-        best = torch.where(better, value[k], best)
+    for k in range(1, len(steps)):  # [B] rows: small tensors come from the heap, whole [19, B] ones would not
+        slx, sl2 = sumlx[k], suml2[k]
+        better = (sl2 > 0) & (slx * slx > best * sl2)
+        best = torch.where(better, slx / sl2 * slx, best)
         pick = torch.maximum(pick, better.to(torch.int32) * k)  # k grows: the last candidate kept wins
     at = pick.to(torch.long)[None]
     slx, sl2 = sumlx.gather(0, at)[0], suml2.gather(0, at)[0]
     scale = torch.where(pick > 0, slx / sl2, scale)
     l = torch.mul(x, iscales.gather(0, at)).round_().clamp_(-nmax, nmax - 1)
     keep = (~skip).to(torch.int32)
-    return SearchResult(scale=torch.where(skip, zero, scale), min=zero, L=(l.to(torch.int32) + nmax) * keep)
+    return SearchResult(scale=torch.where(skip, zero, scale), min=zero, L=l.to(torch.int32).add_(nmax).mul_(keep))
 
 
 def _trial_sums(
@@ -219,10 +218,13 @@ def _trial_sums(
     cols = max(1, _TRIAL_BYTES // (4 * n * T))
     out = torch.empty((2, T, B), dtype=x.dtype, device=x.device)
     wx = w * x
+    # two buffers for every batch: fresh memory at each one would cost more than the arithmetic
+    l_buf = torch.empty((n, T, min(cols, B)), dtype=x.dtype, device=x.device)
+    terms_buf = torch.empty((n, 2) + l_buf.shape[1:], dtype=x.dtype, device=x.device)
     for c in range(0, B, cols):
-        s = slice(c, c + cols)
-        l = torch.mul(x[:, None, s], iscales[None, :, s]).round_().clamp_(lowest, highest)  # [n, T, cols]
-        terms = torch.empty((n, 2) + l.shape[1:], dtype=x.dtype, device=x.device)
+        s, width = slice(c, c + cols), min(cols, B - c)
+        l = torch.mul(x[:, None, s], iscales[None, :, s], out=l_buf[..., :width]).round_().clamp_(lowest, highest)
+        terms = terms_buf[..., :width]
         torch.mul(wx[:, None, s], l, out=terms[:, 0])
         torch.mul(w[:, None, s], l, out=terms[:, 1]).mul_(l)
         out[:, :, s] = seq_sum(terms)
@@ -254,7 +256,7 @@ def make_q3_quants(x: torch.Tensor, *, nmax: int = 4, n_passes: int = 5) -> Sear
     return SearchResult(
         scale=torch.where(zero, torch.zeros_like(scale), scale),
         min=torch.zeros_like(scale),
-        L=(L.to(torch.int32) + nmax).mul_((~zero).to(torch.int32)),
+        L=L.to(torch.int32).add_(nmax).mul_((~zero).to(torch.int32)),
     )
 
 
@@ -324,7 +326,7 @@ def _descend_by_moves(
         if bool(found.any()):  # apply each sub-block's first move, with masks (indexing scattered columns is slow)
             i = (n - first).clamp_(max=n - 1).to(torch.long)
             hit = (pos == i) & found  # [n, A], one True per moving sub-block
-            La = La + (new - La) * hit  # exact: small integers
+            La.add_(new.sub_(La).mul_(hit))  # exact: small integers (new is not needed after this)
             sx = torch.where(found, slx_new.gather(0, i[None])[0], sx)
             s2 = torch.where(found, sl2_new.gather(0, i[None])[0], s2)
             start = torch.where(found, i + 1, start)
