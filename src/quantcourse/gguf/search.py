@@ -5,9 +5,13 @@ sub-block of 16 or 32 weights it tries a fixed number of candidate scales and ke
 with the smallest weighted error (``make_qkx2_quants`` for the formats with a minimum,
 ``make_qx_quants`` and ``make_q3_quants`` for the symmetric ones). The candidates are a
 short, fixed list, so the loops here run over candidates (and over the 16 or 32 positions of
-a sum, to add in the C code's order), never over blocks.
+a sum, to add in the C code's order), never over single blocks; ``make_qx_quants``, whose
+candidates are independent, takes them all at once over cache-sized batches of sub-blocks.
 
 Every tensor is position-major: ``x`` is float32 ``[n, B]`` for ``B`` sub-blocks of ``n``.
+On this CPU build a comparison (a bool tensor) costs several arithmetic ops, ``torch.where`` on a
+whole chunk about thirty, and a fresh whole-chunk tensor (page faults) more than the arithmetic
+done on it: hence the buffers reused across candidates and the in-place updates.
 """
 
 from __future__ import annotations
