@@ -16,7 +16,7 @@ SRC=${GGML_SRC_DIR:-$(dirname "$BUILD")/ggml-src}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$SRC"
 if [ ! -d "$SRC/llama_cpp_python-$VERSION/vendor/llama.cpp/ggml" ]; then
-    "$PYTHON" -m pip download --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$SRC"
+    "$PYTHON" -m pip download --no-deps --no-binary llama-cpp-python "llama-cpp-python==$VERSION" -d "$SRC"
     tar xzf "$SRC/llama_cpp_python-$VERSION.tar.gz" -C "$SRC"
 fi
 # configured from llama.cpp's top level: the sdist leaves out ggml/ggml.pc.in, which a standalone ggml needs

@@ -17,6 +17,7 @@ import torch
 
 __all__ = [
     "nearest_int",
+    "nearest_int_",
     "seq_sum",
     "div",
     "recip",
@@ -27,6 +28,7 @@ __all__ = [
     "fp16_round",
     "first_absmax",
     "positive_max",
+    "select_int",
 ]
 
 _MAGIC = 12582912.0  # 1.5 * 2**23: adding it leaves the rounded integer in the low mantissa bits
@@ -41,6 +43,15 @@ def nearest_int(f: torch.Tensor) -> torch.Tensor:
     """
     bits = (f + _MAGIC).view(torch.int32)
     return (bits & 0x7FFFFF) - 0x400000
+
+
+def nearest_int_(f: torch.Tensor) -> torch.Tensor:
+    """:func:`nearest_int` in place: overwrites the float32 temporary ``f`` and returns its memory as int32.
+
+    The same bits without three fresh whole-size tensors: on a chunk of codes, fresh memory (page
+    faults) costs more than the arithmetic.
+    """
+    return f.add_(_MAGIC).view(torch.int32).bitwise_and_(0x7FFFFF).sub_(0x400000)
 
 
 def seq_sum(t: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
@@ -156,3 +167,13 @@ def first_absmax(x: torch.Tensor, dim: int) -> torch.Tensor:
 def positive_max(x: torch.Tensor, dim: int) -> torch.Tensor:
     """``m = 0; if (v > m) m = v;`` along ``dim``: the largest positive value, or 0 (NaN never wins)."""
     return torch.where(x > 0, x, torch.zeros_like(x)).amax(dim=dim)
+
+
+def select_int(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.where(mask, a, b)`` for int32 tensors, as ``b + (a − b)·mask`` (exact for integers).
+
+    On a whole chunk of codes this torch build's CPU ``where`` runs about 30 times slower than an
+    integer multiply; ``mask`` (bool, broadcast against ``a`` and ``b``) is converted once, which is fast
+    for bool -> int32 (unlike bool -> float32).
+    """
+    return (a - b).mul_(mask.to(torch.int32)).add_(b)

@@ -15,7 +15,18 @@ from __future__ import annotations
 import torch
 
 from .base import BlockFormat, half_from_bytes, split_bytes
-from .cfloat import div, first_absmax, fp16_bits, fp16_round, nearest_int, positive_max, seq_sum, sqrtf
+from .cfloat import (
+    div,
+    first_absmax,
+    fp16_bits,
+    fp16_round,
+    nearest_int,
+    nearest_int_,
+    positive_max,
+    select_int,
+    seq_sum,
+    sqrtf,
+)
 from .search import GROUP_MAX_EPS, make_q3_quants, make_qkx2_quants, make_qp_quants, make_qx_quants
 
 __all__ = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "pack_scale_min_k4", "unpack_scale_min_k4"]
@@ -61,13 +72,24 @@ def unpack_scale_min_k4(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return sc, m
 
 
+def _or_shifted(parts: torch.Tensor, dim: int, shift: int) -> torch.Tensor:
+    """``parts[0] | parts[1] << shift | parts[2] << 2·shift | …`` along ``dim``, for uint8 ``parts``.
+
+    The packing works on bytes: int32 or int64 temporaries (and a ``sum`` of shifted planes) would
+    allocate 4 to 8 times the memory, and fresh memory is what costs most in these small steps.
+    """
+    out = parts.select(dim, 0).clone()
+    for j in range(1, parts.shape[dim]):
+        out |= parts.select(dim, j) << (shift * j)
+    return out
+
+
 def _pack_2bit(L: torch.Tensor) -> torch.Tensor:
-    """codes ``[B, 256]`` in 0..3 -> ``qs`` ``[B, 64]``.
+    """uint8 codes ``[B, 256]`` in 0..3 -> ``qs`` ``[B, 64]``.
 
     Per 128 codes, byte l = L[l] | L[l+32]<<2 | L[l+64]<<4 | L[l+96]<<6.
     """
-    q = L.to(torch.int32).reshape(-1, 2, 4, 32)
-    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64).to(torch.uint8)
+    return _or_shifted(L.reshape(-1, 2, 4, 32), 2, 2).reshape(-1, 64)
 
 
 def _unpack_2bit(qs: torch.Tensor) -> torch.Tensor:
@@ -76,9 +98,8 @@ def _unpack_2bit(qs: torch.Tensor) -> torch.Tensor:
 
 
 def _pack_4bit_64(L: torch.Tensor) -> torch.Tensor:
-    """codes ``[B, 256]`` -> ``qs`` ``[B, 128]``: per 64, byte l = low nibble of L[l] | of L[l+32] << 4."""
-    q = L.to(torch.int32).reshape(-1, 4, 2, 32)
-    return ((q[:, :, 0] & 0x0F) | ((q[:, :, 1] & 0x0F) << 4)).reshape(-1, 128).to(torch.uint8)
+    """uint8 codes ``[B, 256]`` -> ``qs`` ``[B, 128]``: per 64, byte l = low nibble of L[l] | of L[l+32] << 4."""
+    return _or_shifted((L & 0x0F).reshape(-1, 4, 2, 32), 2, 4).reshape(-1, 128)
 
 
 def _unpack_4bit_64(qs: torch.Tensor) -> torch.Tensor:
@@ -91,8 +112,8 @@ def _requantize(x: torch.Tensor, d: torch.Tensor, dm: torch.Tensor, L: torch.Ten
 
     x, L: ``[B, subs, n]``; d, dm: float32 ``[B, subs]``.
     """
-    new = nearest_int((x + dm[..., None]) / d[..., None]).clamp(0, qmax)
-    return torch.where((d != 0)[..., None], new, L)
+    new = nearest_int_((x + dm[..., None]).div_(d[..., None])).clamp_(0, qmax)
+    return select_int((d != 0)[..., None], new, L)
 
 
 class _AsymmetricK(BlockFormat):
@@ -131,7 +152,7 @@ class _AsymmetricK(BlockFormat):
             _from_positions(L_search, B).reshape(B, 8, 32),
             cls.nmax,
         ).reshape(B, QK_K)
-        return torch.cat([fp16_bits(d), fp16_bits(dmin), packed], dim=1), L
+        return torch.cat([fp16_bits(d), fp16_bits(dmin), packed], dim=1), L.to(torch.uint8)
 
     @classmethod
     def _codes_imatrix(cls, blocks: torch.Tensor, qw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,8 +241,7 @@ class Q5_K(_AsymmetricK):
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
         head, L = cls._codes(blocks) if imatrix is None else cls._codes_imatrix(blocks, imatrix)
-        hi = ((L >> 4) & 1).reshape(-1, 8, 32) << torch.arange(8, device=L.device).reshape(1, 8, 1)
-        qh = hi.sum(dim=1).to(torch.uint8)  # [B, 32]
+        qh = _or_shifted((L >> 4).reshape(-1, 8, 32), 1, 1)  # [B, 32]: bit j of byte l = 5th bit of code 32j + l
         return torch.cat([head, qh, _pack_4bit_64(L)], dim=1)
 
     @classmethod
@@ -271,7 +291,7 @@ class Q2_K(BlockFormat):
             _from_positions(res.L, B).reshape(B, 16, 16),
             3,
         ).reshape(B, QK_K)
-        return torch.cat([packed.to(torch.uint8), _pack_2bit(L), fp16_bits(d), fp16_bits(dmin)], dim=1)
+        return torch.cat([packed.to(torch.uint8), _pack_2bit(L.to(torch.uint8)), fp16_bits(d), fp16_bits(dmin)], dim=1)
 
     @classmethod
     def dequantize_blocks(cls, data: torch.Tensor) -> torch.Tensor:
@@ -333,10 +353,10 @@ class Q3_K(BlockFormat):
         sc = (_unpack_q3_scales(packed) - 32).to(torch.float32)
         dl = fp16_round(d)[:, None] * sc  # [B, 16]
         xb = blocks.reshape(B, 16, 16)
-        new = nearest_int(xb / dl[..., None]).clamp(-4, 3) + 4
-        L = torch.where((dl != 0)[..., None], new, _from_positions(res.L, B).reshape(B, 16, 16)).reshape(B, QK_K)
-        high = (L > 3).to(torch.int32).reshape(B, 8, 32) << torch.arange(8, device=L.device).reshape(1, 8, 1)
-        hmask = high.sum(dim=1).to(torch.uint8)
+        new = nearest_int_(xb / dl[..., None]).clamp_(-4, 3).add_(4)
+        L = select_int((dl != 0)[..., None], new, _from_positions(res.L, B).reshape(B, 16, 16)).reshape(B, QK_K)
+        L = L.to(torch.uint8)  # 0..7
+        hmask = _or_shifted((L >> 2).reshape(B, 8, 32), 1, 1)  # bit j of byte l: code 32j + l >= 4
         return torch.cat([hmask, _pack_2bit(L & 3), packed, fp16_bits(d)], dim=1)
 
     @classmethod
@@ -383,16 +403,15 @@ class Q6_K(BlockFormat):
         sc = ((nearest_int(iscale[:, None] * scales).clamp(max=127) & 0xFF) ^ 0x80) - 0x80  # int8_t
         dl = fp16_round(d)[:, None] * sc.to(torch.float32)
         xb = blocks.reshape(B, 16, 16)
-        new = nearest_int(xb / dl[..., None]).clamp(-32, 31) + 32
-        L = torch.where((dl != 0)[..., None], new, _from_positions(res.L, B).reshape(B, 16, 16)).reshape(B, 2, 4, 32)
-        ql = torch.cat(
-            [(L[:, :, 0] & 0x0F) | ((L[:, :, 2] & 0x0F) << 4), (L[:, :, 1] & 0x0F) | ((L[:, :, 3] & 0x0F) << 4)], dim=2
-        )
-        top = (L >> 4) << torch.tensor([0, 2, 4, 6], device=L.device).reshape(1, 1, 4, 1)
-        qh = top.sum(dim=2)
-        out = torch.cat([ql.reshape(B, 128), qh.reshape(B, 64), sc & 0xFF], dim=1).to(torch.uint8)
+        new = nearest_int_(xb / dl[..., None]).clamp_(-32, 31).add_(32)
+        L = select_int((dl != 0)[..., None], new, _from_positions(res.L, B).reshape(B, 16, 16))
+        L = L.to(torch.uint8).reshape(B, 2, 4, 32)  # 0..63
+        low = L & 0x0F
+        ql = torch.cat([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], dim=2)
+        qh = _or_shifted(L >> 4, 2, 2)  # [B, 2, 32]
+        out = torch.cat([ql.reshape(B, 128), qh.reshape(B, 64), (sc & 0xFF).to(torch.uint8)], dim=1)
         out = torch.cat([out, fp16_bits(d)], dim=1)
-        return torch.where(zero[:, None], torch.zeros_like(out), out)
+        return out.mul_((~zero)[:, None].to(torch.uint8))  # zero super-blocks: all bytes 0
 
     @classmethod
     def dequantize_blocks(cls, data: torch.Tensor) -> torch.Tensor:

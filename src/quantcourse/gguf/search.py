@@ -5,9 +5,13 @@ sub-block of 16 or 32 weights it tries a fixed number of candidate scales and ke
 with the smallest weighted error (``make_qkx2_quants`` for the formats with a minimum,
 ``make_qx_quants`` and ``make_q3_quants`` for the symmetric ones). The candidates are a
 short, fixed list, so the loops here run over candidates (and over the 16 or 32 positions of
-a sum, to add in the C code's order), never over blocks.
+a sum, to add in the C code's order), never over single blocks; ``make_qx_quants``, whose
+candidates are independent, takes them all at once over cache-sized batches of sub-blocks.
 
 Every tensor is position-major: ``x`` is float32 ``[n, B]`` for ``B`` sub-blocks of ``n``.
+On this CPU build a comparison (a bool tensor) costs several arithmetic ops, ``torch.where`` on a
+whole chunk about thirty, and a fresh whole-chunk tensor (page faults) more than the arithmetic
+done on it: hence the buffers reused across candidates and the in-place updates.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .cfloat import div, first_absmax, nearest_int, positive_max, recip, seq_sum
+from .cfloat import div, first_absmax, nearest_int, nearest_int_, positive_max, recip, seq_sum
 
 __all__ = ["SearchResult", "make_qkx2_quants", "make_qx_quants", "make_q3_quants", "make_qp_quants"]
 
@@ -147,9 +151,12 @@ def make_qkx2_quants(
         lo = torch.where(better, this_min, lo)
     L = _grid_codes(x, best_iscale, spread(best_lo_used), 0, nmax, flat, Laux, best_lo_used)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
-    L = torch.where(flat, torch.zeros_like(L), L).to(torch.int32)
+    L = L.to(torch.int32).mul_((~flat).to(torch.int32))  # flat: codes 0 (a NaN code converts first, then is zeroed)
     lo = torch.where(flat, lo0, lo)
     return SearchResult(scale=scale, min=-lo, L=L)
+
+
+_TRIAL_BYTES = 2**19  # the [n, trials, columns] temporaries of one batch of columns: about L2-sized
 
 
 def make_qx_quants(x: torch.Tensor, *, nmax: int, w: torch.Tensor | None = None) -> SearchResult:
@@ -157,8 +164,11 @@ def make_qx_quants(x: torch.Tensor, *, nmax: int, w: torch.Tensor | None = None)
 
     ``iscale = −nmax / max`` (max: the signed element of largest magnitude), least-squares
     scale with weights ``x²`` (or ``w``), then 18 more candidates ``−(nmax + 0.1·is) / max``,
-    ``is = ±1..±9``, kept when they raise ``(Σwxl)² / Σwl²``. As in :func:`make_qkx2_quants`,
-    every candidate reuses the same buffers and the winning codes are recomputed once.
+    ``is = ±1..±9``, kept when they raise ``(Σwxl)² / Σwl²``.
+
+    The 19 candidates do not depend on each other's codes, only the choice among them is sequential:
+    their sums are computed as one batched tensor op, ``[n, 19, columns]`` (:func:`_trial_sums`),
+    and the sequential choice then runs over ``[B]`` rows of sums; the winning codes are recomputed once.
 
     Args:
         x: float32 ``[n, B]``.
@@ -169,38 +179,60 @@ def make_qx_quants(x: torch.Tensor, *, nmax: int, w: torch.Tensor | None = None)
     """
     mx = first_absmax(x, 0)  # [B]
     w = x * x if w is None else w
-    wx = w * x
-    skip = mx.abs() < GROUP_MAX_EPS  # zero blocks: their result is overwritten below
-    spread = mx.abs()  # max |x| of the sub-block
-    l = torch.empty_like(x)
-    sums = torch.empty((x.shape[0], 2, x.shape[1]), dtype=x.dtype, device=x.device)  # w·x·l, w·l²
-
-    def codes(iscale):
-        return _grid_codes(x, iscale, spread, -nmax, nmax - 1, skip, l)
-
-    def weighted_sums(iscale):
-        codes(iscale)
-        torch.mul(wx, l, out=sums[:, 0])
-        torch.mul(w, l, out=sums[:, 1]).mul_(l)
-        return seq_sum(sums)  # [2, B]: Σ w·x·l and Σ w·l², in the C loop's order
-
-    best_iscale = div(float(-nmax), mx)
-    sumlx, suml2 = weighted_sums(best_iscale)
-    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
-    best = scale * sumlx
-    for step in [s for s in range(-9, 10) if s != 0]:
-        iscale = div(-_f32(nmax + _f32(_f32(0.1) * step)), mx)
-        slx, sl2 = weighted_sums(iscale)
+    skip = mx.abs() < GROUP_MAX_EPS  # zero blocks: the C code returns before searching
+    # Dividing by inf gives the skipped sub-blocks iscale = 0 and codes 0, so every candidate is finite. For the
+    # others |iscale·x| <= nmax + 0.9, far below 2**22: torch.round equals nearest_int (see _grid_codes).
+    mx = torch.where(skip, torch.full_like(mx, float("inf")), mx)
+    steps = [0] + [s for s in range(-9, 10) if s != 0]  # the C order: the first guess, then is = -9..9
+    nums = torch.tensor([-_f32(nmax + _f32(_f32(0.1) * s)) for s in steps], dtype=x.dtype, device=x.device)
+    iscales = torch.div(nums[:, None], mx)  # [19, B], each a correctly rounded float32 quotient
+    sumlx, suml2 = _trial_sums(x, w, iscales, -nmax, nmax - 1)  # [19, B] each
+    zero = torch.zeros_like(mx)
+    scale = torch.where(suml2[0] != 0, sumlx[0] / suml2[0], zero)
+    best = scale * sumlx[0]
+    pick = torch.zeros(mx.shape, dtype=torch.int32, device=x.device)  # index of the candidate kept
+    for k in range(1, len(steps)):  # [B] rows: small tensors come from the heap, whole [19, B] ones would not
+        slx, sl2 = sumlx[k], suml2[k]
         better = (sl2 > 0) & (slx * slx > best * sl2)
-        best_iscale = torch.where(better, iscale, best_iscale)
-        scale = torch.where(better, slx / sl2, scale)
-        best = torch.where(better, scale * slx, best)
-    L = codes(best_iscale).to(torch.int32)
-    return SearchResult(
-        scale=torch.where(skip, torch.zeros_like(scale), scale),
-        min=torch.zeros_like(scale),
-        L=torch.where(skip, torch.zeros_like(L), L + nmax),
-    )
+        best = torch.where(better, slx / sl2 * slx, best)
+        pick = torch.maximum(pick, better.to(torch.int32) * k)  # k grows: the last candidate kept wins
+    at = pick.to(torch.long)[None]
+    slx, sl2 = sumlx.gather(0, at)[0], suml2.gather(0, at)[0]
+    scale = torch.where(pick > 0, slx / sl2, scale)
+    l = torch.mul(x, iscales.gather(0, at)).round_().clamp_(-nmax, nmax - 1)
+    keep = (~skip).to(torch.int32)
+    return SearchResult(scale=torch.where(skip, zero, scale), min=zero, L=l.to(torch.int32).add_(nmax).mul_(keep))
+
+
+def _trial_sums(
+    x: torch.Tensor, w: torch.Tensor, iscales: torch.Tensor, lowest: int, highest: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Σ (w·x)·l`` and ``Σ (w·l)·l`` with ``l = clamp(round(iscale·x))`` for ``T`` candidate scales at once.
+
+    One op covers every candidate of a batch of columns; the batches keep its ``[n, T, columns]``
+    temporaries near cache size (a whole chunk's would be ~19 MiB, read from memory at every op).
+
+    Args:
+        x, w: float32 ``[n, B]``; iscales: float32 ``[T, B]`` (|iscale·x| < 2**21).
+    Returns:
+        float32 ``[T, B]`` twice, each sum in the C loop's order.
+    """
+    n, B = x.shape
+    T = iscales.shape[0]
+    cols = max(1, _TRIAL_BYTES // (4 * n * T))
+    out = torch.empty((2, T, B), dtype=x.dtype, device=x.device)
+    wx = w * x
+    # two buffers for every batch: fresh memory at each one would cost more than the arithmetic
+    l_buf = torch.empty((n, T, min(cols, B)), dtype=x.dtype, device=x.device)
+    terms_buf = torch.empty((n, 2) + l_buf.shape[1:], dtype=x.dtype, device=x.device)
+    for c in range(0, B, cols):
+        s, width = slice(c, c + cols), min(cols, B - c)
+        l = torch.mul(x[:, None, s], iscales[None, :, s], out=l_buf[..., :width]).round_().clamp_(lowest, highest)
+        terms = terms_buf[..., :width]
+        torch.mul(wx[:, None, s], l, out=terms[:, 0])
+        torch.mul(w[:, None, s], l, out=terms[:, 1]).mul_(l)
+        out[:, :, s] = seq_sum(terms)
+    return out[0], out[1]
 
 
 def make_q3_quants(x: torch.Tensor, *, nmax: int = 4, n_passes: int = 5) -> SearchResult:
@@ -216,26 +248,29 @@ def make_q3_quants(x: torch.Tensor, *, nmax: int = 4, n_passes: int = 5) -> Sear
         :class:`SearchResult`; ``L`` holds ``l + nmax`` in 0..2·nmax−1.
     """
     mx = first_absmax(x, 0)
+    zero = mx.abs() < GROUP_MAX_EPS  # the C code returns before searching
     w = x * x
     wx = w * x
-    L = nearest_int(div(float(-nmax), mx) * x).clamp(-nmax, nmax - 1).to(torch.float32)  # [n, B]
+    # As in make_qx_quants: inf gives the zero sub-blocks codes 0 (so they never move), and |iscale·x| <= nmax
+    # elsewhere, where torch.round equals nearest_int.
+    iscale = div(float(-nmax), torch.where(zero, torch.full_like(mx, float("inf")), mx))
+    L = torch.mul(x, iscale).round_().clamp_(-nmax, nmax - 1)  # [n, B]
     L, sumlx, suml2 = _descend_by_moves(x, w, wx, L, lowest=-nmax, highest=nmax - 1, n_passes=n_passes)
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
-    zero = mx.abs() < GROUP_MAX_EPS
-    L = L.to(torch.int32)
     return SearchResult(
         scale=torch.where(zero, torch.zeros_like(scale), scale),
         min=torch.zeros_like(scale),
-        L=torch.where(zero, torch.zeros_like(L), L + nmax),
+        L=L.to(torch.int32).add_(nmax).mul_((~zero).to(torch.int32)),
     )
 
 
 def _codes_near(v: torch.Tensor, lowest: int, highest: int) -> torch.Tensor:
-    """``MAX(lowest, MIN(highest, nearest_int(v)))`` as float32 (see :func:`_grid_codes` for why ``round`` may do)."""
+    """``MAX(lowest, MIN(highest, nearest_int(v)))`` as float32, in place of the temporary ``v``
+    (see :func:`_grid_codes` for why ``round`` may do)."""
     lo, hi = torch.aminmax(v)  # one pass; NaN (a 0/0 the C code never reads) makes the check fail
     if bool(lo > -_SAFE) and bool(hi < _SAFE):
-        return v.round().clamp_(lowest, highest)
-    return nearest_int(v).clamp_(lowest, highest).to(torch.float32)
+        return v.round_().clamp_(lowest, highest)
+    return nearest_int_(v).clamp_(lowest, highest).to(torch.float32)
 
 
 def _descend_by_moves(
@@ -263,35 +298,39 @@ def _descend_by_moves(
     L = L.clone()
     wxl, wll = wx * L, w * L * L  # each term as the C loop computes it: (w·x)·l and (w·l)·l
     sumlx, suml2 = seq_sum(wxl), seq_sum(wll)
-    rank = torch.arange(n, 0, -1, dtype=torch.float32, device=x.device)[:, None]  # n - i: the first move ranks highest
+    rank = torch.arange(n, 0, -1, dtype=torch.int32, device=x.device)[:, None]  # n - i: the first move ranks highest
     pos = torch.arange(n, device=x.device)[:, None]
     # The sub-blocks still searching, compacted: their columns of every [n, B] tensor and their state.
     # A sub-block whose terms (w·x)·l are all <= 0 never moves (half of them: l has the sign of
     # -x·max): a float32 sum of non-positive numbers never rounds above any one of them, so Σwxl
     # without any one term stays <= 0 and the C code's `slx > 0` fails at every position.
     act = (wxl.amax(dim=0) > 0).nonzero().squeeze(1)
-    xa, wa, wxa, La, wxla, wlla = (t.index_select(1, act) for t in (x, w, wx, L, wxl, wll))
+    xa, wa, wxa, La = (t.index_select(1, act) for t in (x, w, wx, L))
     sx, s2 = sumlx[act], suml2[act]
     A = len(act)
     start = torch.zeros(A, dtype=torch.long, device=x.device)  # next position of the current pass
     passes = torch.ones(A, dtype=torch.long, device=x.device)  # passes begun
     moved = torch.zeros(A, dtype=torch.bool, device=x.device)  # a move in the current pass
     while len(act):
-        slx = sx - wxla  # [n, A]: Σwxl without position i
-        sl2 = s2 - wlla
-        new = _codes_near(xa * sl2 / slx, lowest, highest)
-        slx_new = slx + wxa * new
-        sl2_new = sl2 + wa * new * new
-        take = (slx > 0) & (sl2_new > 0) & (new != La) & (slx_new * slx_new * s2 > (sx * sx) * sl2_new)
+        # in place where a temporary allows: fresh [n, A] tensors cost more than the arithmetic on them
+        wxl = torch.mul(wxa, La)
+        slx = torch.sub(sx, wxl, out=wxl)  # [n, A]: Σwxl without position i
+        wl = torch.mul(wa, La)
+        sl2 = torch.sub(s2, wl.mul_(La), out=wl)
+        new = _codes_near(torch.mul(xa, sl2).div_(slx), lowest, highest)
+        slx_new = torch.mul(wxa, new).add_(slx)
+        sl2_new = torch.mul(wa, new).mul_(new).add_(sl2)
+        # (slx > 0) & (sl2_new > 0) in one comparison (a NaN fails both ways); comparisons make bool tensors,
+        # several times slower than arithmetic here
+        take = (torch.minimum(slx, sl2_new) > 0) & (new != La) & (slx_new * slx_new * s2 > (sx * sx) * sl2_new)
         if bool((start > 0).any()):
             take &= pos >= start
-        first = (take.to(torch.float32) * rank).amax(dim=0)  # [A]: n - (first position moved), 0 when none
+        first = (take.to(torch.int32) * rank).amax(dim=0)  # [A]: n - (first position moved), 0 when none
         found = first > 0
         if bool(found.any()):  # apply each sub-block's first move, with masks (indexing scattered columns is slow)
             i = (n - first).clamp_(max=n - 1).to(torch.long)
             hit = (pos == i) & found  # [n, A], one True per moving sub-block
-            La = La + (new - La) * hit  # exact: small integers
-            wxla, wlla = wxa * La, wa * La * La
+            La.add_(new.sub_(La).mul_(hit))  # exact: small integers (new is not needed after this)
             sx = torch.where(found, slx_new.gather(0, i[None])[0], sx)
             s2 = torch.where(found, sl2_new.gather(0, i[None])[0], s2)
             start = torch.where(found, i + 1, start)
@@ -309,7 +348,7 @@ def _descend_by_moves(
             suml2.index_copy_(0, act[fin], s2[fin])
             keep = (~done).nonzero().squeeze(1)
             act, sx, s2, start, passes, moved = (t[keep] for t in (act, sx, s2, start, passes, moved))
-            xa, wa, wxa, La, wxla, wlla = (t.index_select(1, keep) for t in (xa, wa, wxa, La, wxla, wlla))
+            xa, wa, wxa, La = (t.index_select(1, keep) for t in (xa, wa, wxa, La))
     return L, sumlx, suml2
 
 
