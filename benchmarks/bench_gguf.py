@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 
 import torch
 from gguf import GGMLQuantizationType
@@ -99,4 +98,13 @@ def main(rows: int = 4096, cols: int = 4096, repeats: int = 3) -> None:
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:4]))
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("rows", type=int, nargs="?", default=4096, help="rows of the matrix (default 4096)")
+    parser.add_argument("cols", type=int, nargs="?", default=4096, help="columns, a multiple of 256 (default 4096)")
+    parser.add_argument("repeats", type=int, nargs="?", default=3, help="timed runs after the warm-up (default 3)")
+    args = parser.parse_args()
+    if args.rows < 1 or args.cols < 256 or args.cols % 256 or args.repeats < 1:
+        parser.error("rows and repeats must be positive and cols a positive multiple of 256 (the K-quant super-block)")
+    main(args.rows, args.cols, args.repeats)
