@@ -30,7 +30,6 @@ ALLOWED = {
     "04_calibration": {"99.99", "0.01"},  # the percentile observer's default, the moving average's constant
     "05_qat": {"62.0", "63.6", "64.0", "65.6", "33 %"},  # LLM-QAT's README table; chance on three classes
     "07_awq": {"1%", "0.55"},  # the paper's 1% budget of kept channels; the clip search's floor (1 - 9/20)
-    "06_gptq": {"7.15", "6.09", "14.16", "9.95", "4.56", "4.06", "5.2", "69%", "25%", "5%"},  # cited runs
     "08_smoothquant": {"0.8", "0.9"},  # the alpha the authors' scripts use for Llama-2/3 and Mistral
     "09_llm_int8": {"6.7", "25%", "6%", "75%", "0.1%"},  # the paper's outlier definition and its findings
     "10_nf4_qlora": {"0.9677", "0.72"},  # NF4's definition: bitsandbytes' quantile offset, its second-largest level

@@ -391,3 +391,48 @@ def test_attention_score_linears():
     )
     gpt2 = surgery.as_plain_linears(tiny_gpt2())
     assert surgery.attention_score_linears(surgery.decoder_blocks(gpt2)[0]) == ("attn.c_attn",)
+
+
+def test_swapped_weights_puts_weights_in_and_restores_them():
+    model = tiny_llama()
+    layers = surgery.find_linears(model)
+    name = next(iter(layers))
+    weight = layers[name].weight
+    before = weight.detach().clone()
+    new = torch.randn_like(before)
+    with surgery.swapped_weights(model, {name: new}) as inside:
+        assert inside is model
+        assert layers[name].weight is weight  # the same tensor, changed in place
+        assert torch.equal(weight, new)
+    assert torch.equal(weight, before)
+
+
+def test_swapped_weights_restores_them_when_the_block_raises():
+    model = tiny_llama()
+    layers = surgery.find_linears(model)
+    before = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+    new = {name: torch.zeros_like(w) for name, w in before.items()}
+    with pytest.raises(RuntimeError, match="boom"), surgery.swapped_weights(model, new):
+        assert all(not layer.weight.any() for layer in layers.values())
+        raise RuntimeError("boom")
+    for name, layer in layers.items():
+        assert torch.equal(layer.weight, before[name]), name
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ({"model.layers.0.self_attn.q_proj": torch.zeros(1, 32)}, "shape"),
+        ({"model.layers.0.no_such_layer": torch.zeros(32, 32)}, "not a module with a weight"),
+        ({"model.layers.0.self_attn": torch.zeros(32, 32)}, "not a module with a weight"),
+    ],
+    ids=["broadcastable-shape", "unknown-name", "no-weight"],
+)
+def test_error_swapped_weights_changes_nothing(weights, message):
+    model = tiny_llama()
+    ok = "model.layers.0.mlp.down_proj"
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=message), surgery.swapped_weights(model, {ok: torch.zeros(32, 64), **weights}):
+        pass
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name

@@ -25,6 +25,7 @@ __all__ = [
     "get_module",
     "as_plain_linears",
     "linear_weight_matrices",
+    "swapped_weights",
     "record_inputs",
     "ScaleGroup",
     "scale_groups",
@@ -126,6 +127,50 @@ def linear_weight_matrices(model: nn.Module, *, include_head: bool = False) -> I
     """``(name, W [out, in])`` for every linear layer, without copying."""
     for name, linear in find_linears(model, include_head=include_head).items():
         yield name, linear.weight
+
+
+@contextlib.contextmanager
+def swapped_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
+    """Put ``weights`` into the model's layers while the ``with`` block runs, then put the originals back.
+
+    For comparing many quantized variants of one model without reloading it (chapter 3)::
+
+        with surgery.swapped_weights(model, {"model.layers.0.mlp.down_proj": W_q}):
+            nll = window_nll(model, tokens)
+
+    The values are copied into the existing ``weight`` tensors (same objects, so optimizers and
+    hooks keep pointing at them), and the originals are copied back on leaving, even on error.
+    Every name and shape is checked before anything is changed.
+
+    Args:
+        model: any module; modified in place inside the block only.
+        weights: ``{module path: tensor}``, each shaped like that module's ``weight``
+            (``[out, in]`` for a linear layer); cast to its dtype and device.
+
+    Yields:
+        ``model``.
+    """
+    targets = {}
+    for name, w in weights.items():
+        try:
+            target = getattr(get_module(model, name), "weight", None)
+        except AttributeError:
+            target = None
+        if not isinstance(target, torch.Tensor):
+            raise ValueError(f"{name!r} is not a module with a weight in this model")
+        if tuple(w.shape) != tuple(target.shape):
+            raise ValueError(f"{name}: the new weight has shape {tuple(w.shape)}, the layer's is {tuple(target.shape)}")
+        targets[name] = target
+    saved = {name: target.detach().clone() for name, target in targets.items()}
+    try:
+        with torch.no_grad():
+            for name, target in targets.items():
+                target.copy_(weights[name])
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, target in targets.items():
+                target.copy_(saved[name])
 
 
 InputFn = Callable[[str, nn.Module, torch.Tensor], None]  # (name, module, X)
