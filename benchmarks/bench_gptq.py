@@ -17,8 +17,10 @@ Usage::
 
     python benchmarks/bench_gptq.py                      # 128 x 512 calibration tokens (the goal)
     python benchmarks/bench_gptq.py --n-samples 16       # quicker
+    python benchmarks/bench_gptq.py --true-sequential    # one pass per block (the reference's --true-sequential)
 
-Writes ``benchmarks/results/gptq.md`` and ``benchmarks/results/gptq.json`` (read by chapter 6).
+Writes ``benchmarks/results/gptq.md`` and ``benchmarks/results/gptq.json`` (read by chapter 6); with
+``--true-sequential``, ``results/gptq_true_sequential.{md,json}``.
 """
 
 from __future__ import annotations
@@ -89,7 +91,13 @@ def matrix_algebra_seconds(out_f: int, in_f: int, block_size: int = 128) -> tupl
 
 
 def run(
-    n_samples: int, seq_len: int, n_bits: int, group_size: int, batch_size: int, ppl_windows: int
+    n_samples: int,
+    seq_len: int,
+    n_bits: int,
+    group_size: int,
+    batch_size: int,
+    ppl_windows: int,
+    true_sequential: bool = False,
 ) -> tuple[str, dict]:
     load_start = os.getloadavg()
     model, tokenizer = load_model()
@@ -115,6 +123,8 @@ def run(
         linear.weight = torch.nn.Parameter(r.weight, requires_grad=False)
 
     w0, c0 = time.perf_counter(), time.process_time()
+    if true_sequential:
+        batch_size = n_samples  # the pipeline runs every sequence in one pass per block
     capture_block_inputs(model, calibration, batch_size=batch_size)  # timed alone; run_blockwise repeats it
     wall["capture"], cpu["capture"] = time.perf_counter() - w0, time.process_time() - c0
     w0, c0, r0 = time.perf_counter(), time.process_time(), rusage_cpu()
@@ -124,6 +134,7 @@ def run(
         collect=collect,
         quantize_linear=quantize,
         batch_size=batch_size,
+        true_sequential=true_sequential,
         desc=f"GPTQ {n_bits}-bit g{group_size}",
     )
     total_wall, total_cpu, total_rusage = time.perf_counter() - w0, time.process_time() - c0, rusage_cpu() - r0
@@ -162,13 +173,15 @@ def run(
     }
     results = dict(
         meta=dict(
-            command=f"python benchmarks/bench_gptq.py --n-samples {n_samples} --seq-len {seq_len}",
+            command=f"python benchmarks/bench_gptq.py --n-samples {n_samples} --seq-len {seq_len}"
+            + (" --true-sequential" if true_sequential else ""),
             generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             machine=dict(cpu=cpu_name(), cores=os.cpu_count(), torch=torch.__version__, torch_threads=threads),
             load_average=dict(start=load_start[0], after_gptq=load_after_gptq[0], end=load_end[0]),
             model="SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32), 30 blocks x 7 linear layers",
             gptq=dict(
-                n_bits=n_bits, group_size=group_size, symmetric=False, damp=0.01, block_size=128, act_order=False
+                n_bits=n_bits, group_size=group_size, symmetric=False, damp=0.01, block_size=128, act_order=False,
+                true_sequential=true_sequential,
             ),
             calibration=dict(n_samples=n_samples, seq_len=seq_len, tokens=tokens, batch_size=batch_size),
         ),
@@ -205,9 +218,10 @@ def render(r: dict) -> str:
                 else ": the machine was quiet."
             ),
             f"- Model: {meta['model']}.",
-            f"- GPTQ {setting}, asymmetric, damp 0.01, lazy blocks of 128, no act-order; calibration "
-            f"{cal['n_samples']} x {cal['seq_len']} = {cal['tokens']:,} tokens of the course text, batches of "
-            f"{cal['batch_size']}.",
+            f"- GPTQ {setting}, asymmetric, damp 0.01, lazy blocks of 128, no act-order, "
+            + ("true-sequential" if q.get("true_sequential") else "every layer from the float block's inputs")
+            + f"; calibration {cal['n_samples']} x {cal['seq_len']} = {cal['tokens']:,} tokens of the course text, "
+            f"batches of {cal['batch_size']}.",
             "",
             "## Where the time goes",
             "",
@@ -225,9 +239,16 @@ def render(r: dict) -> str:
             f"threads, plus GPTQ's single-threaded loop): {total['quiet_estimate_s'] / 60:.1f} min on quiet cores, "
             "a lower bound (it assumes both threads always busy in parallel).",
             "",
-            "`forward` is the block passes over the calibration tokens: one per block that stops at the input of the "
-            "last linear layer (`down_proj`) to collect the float block's inputs, and one full pass to propagate "
-            "the quantized block's outputs; `hessian` is `H = 2XᵀX/N` for the four distinct inputs of each block "
+            (
+                "`forward` is one pass per block over all the calibration tokens at once, in which each linear "
+                "layer is quantized just before it computes (true-sequential: every layer sees the outputs of "
+                "the quantized layers before it); "
+                if q.get("true_sequential")
+                else "`forward` is the block passes over the calibration tokens: one per block that stops at the "
+                "input of the last linear layer (`down_proj`) to collect the float block's inputs, and one full "
+                "pass to propagate the quantized block's outputs; "
+            )
+            + "`hessian` is `H = 2XᵀX/N` for the four distinct inputs of each block "
             "(q/k/v and gate/up share theirs), upper triangle only.",
             "",
             "## GPTQ per layer beside its matrix algebra (milliseconds, median over the 30 blocks, one thread)",
@@ -263,9 +284,20 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     parser.add_argument("--ppl-windows", type=int, default=8, help="perplexity windows of 512 tokens")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--true-sequential",
+        action="store_true",
+        help="quantize each layer from the quantized layers' outputs, one pass per block (default output: "
+        "results/gptq_true_sequential.md)",
+    )
+    parser.add_argument("--output", type=Path, default=None, help="default: results/gptq.md")
     args = parser.parse_args()
-    report, results = run(args.n_samples, args.seq_len, args.n_bits, args.group_size, args.batch_size, args.ppl_windows)
+    if args.output is None:
+        args.output = RESULTS.with_name("gptq_true_sequential.md") if args.true_sequential else RESULTS
+    report, results = run(
+        args.n_samples, args.seq_len, args.n_bits, args.group_size, args.batch_size, args.ppl_windows,
+        args.true_sequential,
+    )  # fmt: skip
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(report)
     args.output.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
