@@ -90,6 +90,40 @@ def matrix_algebra_seconds(out_f: int, in_f: int, block_size: int = 128) -> tupl
     return chol, upd
 
 
+def matmul_gflops(threads: int) -> float:
+    """This machine's float32 matrix-product rate (GFLOP/s) on a course-model shape, ``threads`` threads."""
+    gen = torch.Generator().manual_seed(0)
+    A, B = torch.randn(4096, 576, generator=gen), torch.randn(576, 1536, generator=gen)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        seconds = timed(lambda: A @ B, repeat=5)
+    finally:
+        torch.set_num_threads(saved)
+    return 2 * A.shape[0] * A.shape[1] * B.shape[1] / seconds / 1e9
+
+
+def arithmetic_tflop(shapes: dict[str, tuple[int, int]], tokens: int, blocks: int, true_sequential: bool) -> dict:
+    """The matrix products the run must do, in TFLOP: linear layers' forward passes and the Hessians.
+
+    A linear [out, in] costs 2·in·out FLOP a token. The default runs the block twice (the first pass stops
+    before ``down_proj``), true-sequential once. A Hessian costs 2·in² a token, of which the upper
+    triangle by row blocks (gptq._add_upper_gram) does (k + 1) / 2k; one per distinct input. Attention's
+    own products (QKᵀ, PV) are left out: at 512 tokens they are a few percent of the linears'.
+    """
+    per_token = {layer: 2 * o * i for layer, (o, i) in shapes.items()}
+    full = sum(per_token.values())
+    first = full - sum(v for layer, v in per_token.items() if layer.endswith("down_proj"))
+    forward = (full if true_sequential else full + first) * tokens * blocks
+    hessian = 0.0
+    for layer, (_, i) in shapes.items():
+        if layer.endswith(("k_proj", "v_proj", "up_proj")):
+            continue  # shares q_proj's / gate_proj's input
+        k = max(1, round(i / gptq.HESSIAN_ROW_BLOCK))
+        hessian += 2 * i * i * (k + 1) / (2 * k) * tokens * blocks
+    return dict(forward=forward / 1e12, hessian=hessian / 1e12)
+
+
 def run(
     n_samples: int,
     seq_len: int,
@@ -167,6 +201,11 @@ def run(
     # what the run would take on `threads` quiet cores: the multi-threaded parts' CPU time spread over the
     # threads, GPTQ's single-threaded loop at its own CPU time
     quiet_estimate = (total_cpu - cpu["gptq"]) / threads + cpu["gptq"]
+    # the floor of the matrix products alone at this machine's measured rate, all threads busy
+    n_blocks = len(next(iter(by_layer.values())))  # one GPTQ time per block for each layer
+    tflop = arithmetic_tflop(shapes, tokens, n_blocks, true_sequential)
+    gflops = matmul_gflops(threads)
+    floor_s = (tflop["forward"] + tflop["hessian"]) * 1e3 / gflops + cpu["gptq"]
     parts = {
         part: dict(wall_s=wall[part], cpu_s=cpu[part], share=wall[part] / total_wall)
         for part in ("capture", "forward", "hessian", "gptq")
@@ -189,6 +228,7 @@ def run(
         total=dict(
             wall_s=total_wall, cpu_s=total_cpu, rusage_cpu_s=total_rusage, minutes=total_wall / 60,
             quiet_estimate_s=quiet_estimate, goal_minutes=GOAL_MINUTES,
+            tflop=tflop, matmul_gflops=gflops, arithmetic_floor_s=floor_s,
         ),
         layers=layers,
         perplexity=dict(windows=ppl_windows, seq_len=512, float=ppl_float, rtn=ppl_rtn, gptq=ppl_gptq),
@@ -238,6 +278,11 @@ def render(r: dict) -> str:
             f"From the CPU times (the multi-threaded parts' CPU seconds over {machine['torch_threads']} "
             f"threads, plus GPTQ's single-threaded loop): {total['quiet_estimate_s'] / 60:.1f} min on quiet cores, "
             "a lower bound (it assumes both threads always busy in parallel).",
+            "",
+            f"The floor of the arithmetic: the linear layers' forward passes are {total['tflop']['forward']:.1f} "
+            f"TFLOP and the Hessians {total['tflop']['hessian']:.1f} TFLOP; at the {total['matmul_gflops']:.0f} "
+            f"GFLOP/s a float32 product of a course-model shape reaches here on {machine['torch_threads']} threads "
+            f"(measured in this run), plus GPTQ's own loop, that is {total['arithmetic_floor_s'] / 60:.1f} min.",
             "",
             (
                 "`forward` is one pass per block over all the calibration tokens at once, in which each linear "
