@@ -17,8 +17,10 @@ Usage::
 
     python benchmarks/bench_gptq.py                      # 128 x 512 calibration tokens (the goal)
     python benchmarks/bench_gptq.py --n-samples 16       # quicker
+    python benchmarks/bench_gptq.py --true-sequential    # one pass per block (the reference's --true-sequential)
 
-Writes ``benchmarks/results/gptq.md`` and ``benchmarks/results/gptq.json`` (read by chapter 6).
+Writes ``benchmarks/results/gptq.md`` and ``benchmarks/results/gptq.json`` (read by chapter 6); with
+``--true-sequential``, ``results/gptq_true_sequential.{md,json}``.
 """
 
 from __future__ import annotations
@@ -88,8 +90,48 @@ def matrix_algebra_seconds(out_f: int, in_f: int, block_size: int = 128) -> tupl
     return chol, upd
 
 
+def matmul_gflops(threads: int) -> float:
+    """This machine's float32 matrix-product rate (GFLOP/s) on a course-model shape, ``threads`` threads."""
+    gen = torch.Generator().manual_seed(0)
+    A, B = torch.randn(4096, 576, generator=gen), torch.randn(576, 1536, generator=gen)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        seconds = timed(lambda: A @ B, repeat=5)
+    finally:
+        torch.set_num_threads(saved)
+    return 2 * A.shape[0] * A.shape[1] * B.shape[1] / seconds / 1e9
+
+
+def arithmetic_tflop(shapes: dict[str, tuple[int, int]], tokens: int, blocks: int, true_sequential: bool) -> dict:
+    """The matrix products the run must do, in TFLOP: linear layers' forward passes and the Hessians.
+
+    A linear [out, in] costs 2·in·out FLOP a token. The default runs the block twice (the first pass stops
+    before ``down_proj``), true-sequential once. A Hessian costs 2·in² a token, of which the upper
+    triangle by row blocks (gptq._add_upper_gram) does (k + 1) / 2k; one per distinct input. Attention's
+    own products (QKᵀ, PV) are left out: at 512 tokens they are a few percent of the linears'.
+    """
+    per_token = {layer: 2 * o * i for layer, (o, i) in shapes.items()}
+    full = sum(per_token.values())
+    first = full - sum(v for layer, v in per_token.items() if layer.endswith("down_proj"))
+    forward = (full if true_sequential else full + first) * tokens * blocks
+    hessian = 0.0
+    for layer, (_, i) in shapes.items():
+        if layer.endswith(("k_proj", "v_proj", "up_proj")):
+            continue  # shares q_proj's / gate_proj's input
+        k = max(1, round(i / gptq.HESSIAN_ROW_BLOCK))
+        hessian += 2 * i * i * (k + 1) / (2 * k) * tokens * blocks
+    return dict(forward=forward / 1e12, hessian=hessian / 1e12)
+
+
 def run(
-    n_samples: int, seq_len: int, n_bits: int, group_size: int, batch_size: int, ppl_windows: int
+    n_samples: int,
+    seq_len: int,
+    n_bits: int,
+    group_size: int,
+    batch_size: int,
+    ppl_windows: int,
+    true_sequential: bool = False,
 ) -> tuple[str, dict]:
     load_start = os.getloadavg()
     model, tokenizer = load_model()
@@ -115,6 +157,8 @@ def run(
         linear.weight = torch.nn.Parameter(r.weight, requires_grad=False)
 
     w0, c0 = time.perf_counter(), time.process_time()
+    if true_sequential:
+        batch_size = n_samples  # the pipeline runs every sequence in one pass per block
     capture_block_inputs(model, calibration, batch_size=batch_size)  # timed alone; run_blockwise repeats it
     wall["capture"], cpu["capture"] = time.perf_counter() - w0, time.process_time() - c0
     w0, c0, r0 = time.perf_counter(), time.process_time(), rusage_cpu()
@@ -124,6 +168,7 @@ def run(
         collect=collect,
         quantize_linear=quantize,
         batch_size=batch_size,
+        true_sequential=true_sequential,
         desc=f"GPTQ {n_bits}-bit g{group_size}",
     )
     total_wall, total_cpu, total_rusage = time.perf_counter() - w0, time.process_time() - c0, rusage_cpu() - r0
@@ -156,19 +201,26 @@ def run(
     # what the run would take on `threads` quiet cores: the multi-threaded parts' CPU time spread over the
     # threads, GPTQ's single-threaded loop at its own CPU time
     quiet_estimate = (total_cpu - cpu["gptq"]) / threads + cpu["gptq"]
+    # the floor of the matrix products alone at this machine's measured rate, all threads busy
+    n_blocks = len(next(iter(by_layer.values())))  # one GPTQ time per block for each layer
+    tflop = arithmetic_tflop(shapes, tokens, n_blocks, true_sequential)
+    gflops = matmul_gflops(threads)
+    floor_s = (tflop["forward"] + tflop["hessian"]) * 1e3 / gflops + cpu["gptq"]
     parts = {
         part: dict(wall_s=wall[part], cpu_s=cpu[part], share=wall[part] / total_wall)
         for part in ("capture", "forward", "hessian", "gptq")
     }
     results = dict(
         meta=dict(
-            command=f"python benchmarks/bench_gptq.py --n-samples {n_samples} --seq-len {seq_len}",
+            command=f"python benchmarks/bench_gptq.py --n-samples {n_samples} --seq-len {seq_len}"
+            + (" --true-sequential" if true_sequential else ""),
             generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             machine=dict(cpu=cpu_name(), cores=os.cpu_count(), torch=torch.__version__, torch_threads=threads),
             load_average=dict(start=load_start[0], after_gptq=load_after_gptq[0], end=load_end[0]),
             model="SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32), 30 blocks x 7 linear layers",
             gptq=dict(
-                n_bits=n_bits, group_size=group_size, symmetric=False, damp=0.01, block_size=128, act_order=False
+                n_bits=n_bits, group_size=group_size, symmetric=False, damp=0.01, block_size=128, act_order=False,
+                true_sequential=true_sequential,
             ),
             calibration=dict(n_samples=n_samples, seq_len=seq_len, tokens=tokens, batch_size=batch_size),
         ),
@@ -176,6 +228,7 @@ def run(
         total=dict(
             wall_s=total_wall, cpu_s=total_cpu, rusage_cpu_s=total_rusage, minutes=total_wall / 60,
             quiet_estimate_s=quiet_estimate, goal_minutes=GOAL_MINUTES,
+            tflop=tflop, matmul_gflops=gflops, arithmetic_floor_s=floor_s,
         ),
         layers=layers,
         perplexity=dict(windows=ppl_windows, seq_len=512, float=ppl_float, rtn=ppl_rtn, gptq=ppl_gptq),
@@ -205,9 +258,10 @@ def render(r: dict) -> str:
                 else ": the machine was quiet."
             ),
             f"- Model: {meta['model']}.",
-            f"- GPTQ {setting}, asymmetric, damp 0.01, lazy blocks of 128, no act-order; calibration "
-            f"{cal['n_samples']} x {cal['seq_len']} = {cal['tokens']:,} tokens of the course text, batches of "
-            f"{cal['batch_size']}.",
+            f"- GPTQ {setting}, asymmetric, damp 0.01, lazy blocks of 128, no act-order, "
+            + ("true-sequential" if q.get("true_sequential") else "every layer from the float block's inputs")
+            + f"; calibration {cal['n_samples']} x {cal['seq_len']} = {cal['tokens']:,} tokens of the course text, "
+            f"batches of {cal['batch_size']}.",
             "",
             "## Where the time goes",
             "",
@@ -225,9 +279,21 @@ def render(r: dict) -> str:
             f"threads, plus GPTQ's single-threaded loop): {total['quiet_estimate_s'] / 60:.1f} min on quiet cores, "
             "a lower bound (it assumes both threads always busy in parallel).",
             "",
-            "`forward` is the block passes over the calibration tokens: one per block that stops at the input of the "
-            "last linear layer (`down_proj`) to collect the float block's inputs, and one full pass to propagate "
-            "the quantized block's outputs; `hessian` is `H = 2XᵀX/N` for the four distinct inputs of each block "
+            f"The floor of the arithmetic: the linear layers' forward passes are {total['tflop']['forward']:.1f} "
+            f"TFLOP and the Hessians {total['tflop']['hessian']:.1f} TFLOP; at the {total['matmul_gflops']:.0f} "
+            f"GFLOP/s a float32 product of a course-model shape reaches here on {machine['torch_threads']} threads "
+            f"(measured in this run), plus GPTQ's own loop, that is {total['arithmetic_floor_s'] / 60:.1f} min.",
+            "",
+            (
+                "`forward` is one pass per block over all the calibration tokens at once, in which each linear "
+                "layer is quantized just before it computes (true-sequential: every layer sees the outputs of "
+                "the quantized layers before it); "
+                if q.get("true_sequential")
+                else "`forward` is the block passes over the calibration tokens: one per block that stops at the "
+                "input of the last linear layer (`down_proj`) to collect the float block's inputs, and one full "
+                "pass to propagate the quantized block's outputs; "
+            )
+            + "`hessian` is `H = 2XᵀX/N` for the four distinct inputs of each block "
             "(q/k/v and gate/up share theirs), upper triangle only.",
             "",
             "## GPTQ per layer beside its matrix algebra (milliseconds, median over the 30 blocks, one thread)",
@@ -263,9 +329,20 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     parser.add_argument("--ppl-windows", type=int, default=8, help="perplexity windows of 512 tokens")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--true-sequential",
+        action="store_true",
+        help="quantize each layer from the quantized layers' outputs, one pass per block (default output: "
+        "results/gptq_true_sequential.md)",
+    )
+    parser.add_argument("--output", type=Path, default=None, help="default: results/gptq.md")
     args = parser.parse_args()
-    report, results = run(args.n_samples, args.seq_len, args.n_bits, args.group_size, args.batch_size, args.ppl_windows)
+    if args.output is None:
+        args.output = RESULTS.with_name("gptq_true_sequential.md") if args.true_sequential else RESULTS
+    report, results = run(
+        args.n_samples, args.seq_len, args.n_bits, args.group_size, args.batch_size, args.ppl_windows,
+        args.true_sequential,
+    )  # fmt: skip
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(report)
     args.output.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")

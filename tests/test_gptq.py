@@ -322,6 +322,8 @@ def _model_that_must_not_run():
         (dict(n_bits=1), "n_bits"),
         (dict(static_groups=True, group_size=None), "static_groups=True needs a group_size"),
         (dict(symmetric="yes"), "symmetric must be True or False"),
+        (dict(true_sequential=1), "true_sequential must be True or False"),
+        (dict(method="rtn", true_sequential=True), "true_sequential only apply to method='gptq'"),
         (dict(batch_size=0), "batch_size must be a positive int"),
         (dict(calibration=None), "method='gptq' needs calibration token ids"),
         (dict(calibration=torch.randn(2, 8)), "token ids"),
@@ -337,7 +339,7 @@ def test_gptq_config_fills_in_gptq_defaults_and_is_frozen():
     config = qc.gptq.GPTQConfig()
     assert config.as_dict() == dict(
         method="gptq", n_bits=4, group_size=64, symmetric=False, act_order=False, static_groups=False,
-        damp=0.01, block_size=128,
+        damp=0.01, block_size=128, true_sequential=False,
     )  # fmt: skip
     assert qc.gptq.GPTQConfig(method="rtn").act_order is False
     with pytest.raises(AttributeError):

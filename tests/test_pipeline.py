@@ -162,3 +162,81 @@ def test_error_bad_batch_size():
 def test_error_model_without_decoder_blocks():
     with pytest.raises(ValueError, match="cannot find the decoder blocks"):
         pipeline.run_blockwise(torch.nn.Sequential(torch.nn.Linear(2, 2)), calib(), collect=lambda *a: None)
+
+
+def _gptq_rerunning_the_block(model, x, batch_size, **options):
+    """The reference's --true-sequential, written plainly: re-run the block (in batches) before each linear.
+
+    Layers that share an input (q/k/v, gate/up) see the same X either way: quantizing q does not change
+    what k receives. Returns the model, quantized in place.
+    """
+    model = surgery.as_plain_linears(model).eval()
+    inputs, args, kwargs = pipeline.capture_block_inputs(model, x, batch_size=batch_size)
+    names = {id(module): name for name, module in model.named_modules()}
+    for index, block in enumerate(surgery.decoder_blocks(model)):
+        ctx = pipeline.BlockContext(index, names[id(block)], block, inputs, args, kwargs)
+        order: list[str] = []  # the linears in execution order
+        record = surgery.record_inputs(ctx.linears(), lambda name, linear, X, order=order: order.append(name))
+        with record, torch.no_grad():
+            block(inputs[0], *args[0], **kwargs[0])
+        for name in order:
+            linear = ctx.linears()[name]
+            with surgery.record_inputs({name: linear}) as seen:
+                ctx.run()
+            H, n = None, 0
+            for X in seen[name]:
+                H, n = gptq.accumulate_hessian(H, n, X)
+            result = gptq.gptq_quantize(linear.weight, H, 3, group_size=32, **options)
+            linear.weight = torch.nn.Parameter(result.weight, requires_grad=False)
+        inputs = ctx.run()
+    return model
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_true_sequential_equals_rerunning_the_block_before_each_linear(kind):
+    x = calib(8, 32)
+    reference = _gptq_rerunning_the_block(tiny(kind), x, batch_size=3)
+    model = tiny(kind)
+    blocks = surgery.decoder_blocks(model)
+    passes = []
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: passes.append(i)) for i, b in enumerate(blocks)]
+    result = gptq.quantize_model(model, x, n_bits=3, group_size=32, true_sequential=True, batch_size=3, progress=False)
+    for h in hooks:
+        h.remove()
+    assert passes == list(range(len(blocks)))  # one pass per block (the default makes two)
+    assert result.config["true_sequential"] is True
+    mismatched = total = 0
+    for name, linear in surgery.find_linears(model).items():
+        ref = surgery.get_module(reference, name).weight
+        # GPTQ rounds a weight that sits on a grid midpoint either way under float32 noise (one batch of
+        # 8 against batches of 3 sums the Hessian in another order): nearly all must agree
+        mismatched += (linear.weight != ref).sum().item()
+        total += ref.numel()
+    assert mismatched / total < 0.01, mismatched / total
+    with torch.no_grad():
+        got, want = model(x).logits, reference(x).logits
+    assert torch.allclose(got, want, atol=5e-2, rtol=0), (got - want).abs().max()
+    # and it is not the default's result: later layers saw quantized inputs
+    default = tiny(kind)
+    gptq.quantize_model(default, x, n_bits=3, group_size=32, batch_size=3, progress=False)
+    name = list(surgery.find_linears(model))[-1]
+    assert not torch.equal(surgery.get_module(default, name).weight, surgery.get_module(model, name).weight)
+
+
+def test_true_sequential_shares_one_hessian_between_q_k_v(monkeypatch):
+    calls = []
+    original = gptq._add_upper_gram
+    monkeypatch.setattr(gptq, "_add_upper_gram", lambda S, X: (calls.append(X.shape[1]), original(S, X)))
+    model = tiny("llama")
+    gptq.quantize_model(model, calib(), n_bits=4, group_size=32, true_sequential=True, progress=False)
+    block = surgery.decoder_blocks(model)[0]
+    distinct_inputs = 4  # q/k/v, o, gate/up, down
+    assert len(calls) == distinct_inputs * len(surgery.decoder_blocks(model)), calls
+    assert len(surgery.find_linears(block)) == 7
+
+
+def test_true_sequential_needs_collect_and_quantize_and_no_transform():
+    with pytest.raises(ValueError, match="true_sequential"):
+        pipeline.run_blockwise(tiny("llama"), calib(), transform_block=lambda ctx: None, true_sequential=True)
+    with pytest.raises(ValueError, match="true_sequential"):
+        gptq.quantize_model(tiny("llama"), None, method="rtn", group_size=32, true_sequential=True, progress=False)

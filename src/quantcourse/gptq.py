@@ -368,7 +368,9 @@ class HessianCollector:
     """Accumulates one Hessian per linear layer from the pipeline's ``collect(name, linear, X)`` calls.
 
     Linear layers that the pipeline feeds the very same ``X`` object (q/k/v, gate/up) share one
-    Hessian, computed once. :meth:`take` hands a layer's Hessian over and forgets it.
+    Hessian, computed once, whether they are all collected before the first is taken (the pipeline's
+    default) or each is taken right after it is collected (``true_sequential``). :meth:`take` hands a
+    layer's Hessian over and forgets it.
 
     The result is :func:`accumulate_hessian`'s ``H = 2/N Σ x xᵀ``, computed faster: the sum ``Σ x xᵀ`` is
     accumulated into one preallocated float32 matrix (float64 for float64 inputs), only on and above
@@ -385,6 +387,9 @@ class HessianCollector:
 
     def __call__(self, name: str, linear: nn.Linear, X: torch.Tensor) -> None:
         last_X, last_owner = self._last
+        if X is not last_X:  # a new input: Hessians already taken by all their sharers can go
+            pending = set(self._owner.values())
+            self._H = {owner: H for owner, H in self._H.items() if owner in pending}
         if name not in self._owner:
             self._owner[name] = last_owner if X is last_X else name
         owner = self._owner[name]
@@ -414,9 +419,10 @@ class HessianCollector:
             S, n = self._S.pop(owner), self._n.pop(owner)
             self._H[owner] = _symmetric_from_upper(S, 2.0 / n)
         H = self._H[owner]
-        if owner not in self._owner.values():
+        if owner not in self._owner.values() and owner != self._last[1]:
             del self._H[owner]
-        self._last = (None, "")
+        # else kept: a sharer may be collected only after this layer is quantized (true_sequential's
+        # one pass collects and quantizes q, then k, then v on the same X); freed with the next new X
         return H
 
 
@@ -438,6 +444,8 @@ class GPTQConfig:
             must divide every quantized layer's input width (checked by :func:`quantize_model`).
         act_order, static_groups, damp, block_size: see :func:`gptq_quantize`.
         batch_size: calibration sequences per forward pass.
+        true_sequential: quantize each layer from the outputs of the quantized layers before it in its
+            block, one pass per block (:func:`quantcourse.pipeline.run_blockwise`).
     """
 
     method: Literal["gptq", "rtn"] = "gptq"
@@ -449,6 +457,7 @@ class GPTQConfig:
     damp: float | None = None
     block_size: int | None = None
     batch_size: int = 8
+    true_sequential: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -458,13 +467,15 @@ class GPTQConfig:
             isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1
         ):
             raise ValueError(f"group_size must be a positive int or None (per channel), got {self.group_size!r}")
-        for name in ("symmetric", "act_order", "static_groups"):
+        for name in ("symmetric", "act_order", "static_groups", "true_sequential"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
         given = [name for name in _GPTQ_ONLY if getattr(self, name) is not None]
+        if self.method == "rtn" and self.true_sequential:
+            given.append("true_sequential")
         if self.method == "rtn" and given:
             raise ValueError(
                 f"{', '.join(given)} only apply to method='gptq'; round-to-nearest takes n_bits, group_size and "
@@ -478,7 +489,7 @@ class GPTQConfig:
 
     def as_dict(self) -> dict[str, Any]:
         """The settings as stored with a quantized model (:attr:`quantcourse.weights.QuantizedModel.config`)."""
-        keys = ("method", "n_bits", "group_size", "symmetric", *_GPTQ_ONLY)
+        keys = ("method", "n_bits", "group_size", "symmetric", *_GPTQ_ONLY, "true_sequential")
         return {key: getattr(self, key) for key in keys}
 
 
@@ -506,6 +517,7 @@ def quantize_model(
     damp: float | None = None,
     block_size: int | None = None,
     batch_size: int = 8,
+    true_sequential: bool = False,
     progress: bool = True,
 ) -> QuantizedModel:
     """Quantize every linear layer of the decoder blocks, in place, block by block.
@@ -524,14 +536,21 @@ def quantize_model(
         method: ``"gptq"`` or ``"rtn"``.
         act_order, static_groups, damp, block_size: GPTQ only (see :func:`gptq_quantize`); ``None`` takes
             GPTQ's default; an error with ``method="rtn"``.
-        batch_size: calibration sequences per forward pass.
+        batch_size: calibration sequences per forward pass (ignored with ``true_sequential``, which
+            runs every sequence in one pass per block).
+        true_sequential: GPTQ only. Quantize each layer from inputs that went through the block's
+            already-quantized layers ([q,k,v] → [o] → [gate,up] → [down]), as the reference's
+            ``--true-sequential`` and transformers' ``GPTQConfig`` default do; one forward pass per
+            block instead of two (faster), at the memory of the whole calibration set's activations.
         progress: a tqdm bar over the blocks.
 
     Returns:
         :class:`quantcourse.weights.QuantizedModel` (the model, every layer's codes and parameters,
         timings), ready for :func:`quantcourse.serialization.save_quantized`.
     """
-    config = GPTQConfig(method, n_bits, group_size, symmetric, act_order, static_groups, damp, block_size, batch_size)
+    config = GPTQConfig(
+        method, n_bits, group_size, symmetric, act_order, static_groups, damp, block_size, batch_size, true_sequential
+    )
     model = surgery.as_plain_linears(model)
     _check_layers(model, config)
     if config.method == "gptq":
@@ -576,6 +595,7 @@ def quantize_model(
         collect=collect,
         quantize_linear=quantize_linear,
         batch_size=config.batch_size,
+        true_sequential=config.true_sequential,
         progress=progress,
         desc=f"{config.method} {config.n_bits}-bit",
     )
