@@ -32,7 +32,6 @@ ALLOWED = {
     "07_awq": {"1%", "0.55"},  # the paper's 1% budget of kept channels; the clip search's floor (1 - 9/20)
     "08_smoothquant": {"0.8", "0.9"},  # the alpha the authors' scripts use for Llama-2/3 and Mistral
     "09_llm_int8": {"6.7", "25%", "6%", "75%", "0.1%"},  # the paper's outlier definition and its findings
-    "10_nf4_qlora": {"0.9677", "0.72"},  # NF4's definition: bitsandbytes' quantile offset, its second-largest level
     "12_triton": {"3.35", "2.5"},  # the H100 SXM datasheet's bandwidth; the issue's speed-up goal
     "11_gguf": {"0.3.36", "0.25.3", "2.25", "4.84", "6.56", "0.05", "4.8", "6.5625", "4.5", "0.5", "3.5", "8.5"},
 }
