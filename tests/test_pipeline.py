@@ -240,3 +240,56 @@ def test_true_sequential_needs_collect_and_quantize_and_no_transform():
         pipeline.run_blockwise(tiny("llama"), calib(), transform_block=lambda ctx: None, true_sequential=True)
     with pytest.raises(ValueError, match="true_sequential"):
         gptq.quantize_model(tiny("llama"), None, method="rtn", group_size=32, true_sequential=True, progress=False)
+
+
+class _FakeLibc:
+    """Records mallopt / malloc_trim calls in place of glibc."""
+
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, param, value):
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+def test_large_allocations_reused_sets_and_restores_glibc_limits_even_on_error(monkeypatch):
+    libc = _FakeLibc()
+    monkeypatch.setattr(pipeline, "_glibc", lambda: libc)
+    with pytest.raises(RuntimeError, match="inside"), pipeline._large_allocations_reused():
+        assert libc.calls == [("mallopt", -4, 0), ("mallopt", -1, 2**31 - 1)]  # mmap off, heap kept
+        raise RuntimeError("inside")
+    assert libc.calls[2:] == [("mallopt", -4, 65536), ("mallopt", -1, 128 * 1024), ("malloc_trim", 0)]
+
+
+def test_true_sequential_reuses_the_heap_only_around_its_pass(monkeypatch):
+    libc = _FakeLibc()
+    monkeypatch.setattr(pipeline, "_glibc", lambda: libc)
+    seen_during = []
+
+    def collect(name, linear, X):
+        seen_during.append(len(libc.calls))
+
+    def quantize(name, linear):
+        pass
+
+    pipeline.run_blockwise(tiny("llama"), calib(), collect=collect, quantize_linear=quantize, true_sequential=True,
+                           progress=False)  # fmt: skip
+    assert set(seen_during) == {2}  # every linear ran with mmap off and the heap kept
+    assert libc.calls[-1] == ("malloc_trim", 0)
+    libc.calls.clear()
+    pipeline.run_blockwise(tiny("llama"), calib(), collect=collect, quantize_linear=quantize, progress=False)
+    assert libc.calls == []  # the default order runs in batches: glibc's defaults serve it
+
+
+def test_large_allocations_reused_leaves_other_c_libraries_alone(monkeypatch):
+    monkeypatch.setattr(pipeline.sys, "platform", "darwin")
+    assert pipeline._glibc() is None
+    monkeypatch.setattr(pipeline.ctypes, "CDLL", lambda name: pytest.fail("loaded a C library off Linux"))
+    with pipeline._large_allocations_reused():
+        entered = True
+    assert entered
