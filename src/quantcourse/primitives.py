@@ -190,10 +190,9 @@ def _range(x: torch.Tensor, granularity: Granularity) -> tuple[torch.Tensor, tor
     """
     if x.dim() < 2 or x.device.type != "cpu":  # one block (a vector's rows are its elements)
         return granularity.reduce(x, torch.amax), granularity.reduce(x, torch.amin)
-    step = max(1, BLOCK_ELEMENTS // math.prod(x.shape[1:]))
     his, los = [], []
-    for i in range(0, x.shape[0], step):
-        block = x[i : i + step]
+    for rows in _whole_rows(x.shape[0], math.prod(x.shape[1:]), BLOCK_ELEMENTS):
+        block = x[rows]
         his.append(granularity.reduce(block, torch.amax))
         los.append(granularity.reduce(block, torch.amin))
     p_shape = granularity.param_shape(x.shape)
@@ -231,15 +230,21 @@ def _blocks(x: torch.Tensor, p: torch.Tensor) -> Iterator[tuple[tuple[slice, ...
         yield rows, full[x.dim() - p.dim() :]
 
 
+def _whole_rows(n_rows: int, row: int, size: int) -> Iterator[slice]:
+    """Slices of consecutive whole rows (``row`` elements each), about ``size`` elements a slice, one row at least."""
+    step = max(1, size // max(row, 1))
+    for i in range(0, n_rows, step):
+        yield slice(i, i + step)
+
+
 def _row_blocks(shape: tuple[int, ...], size: int) -> Iterator[tuple[slice, ...]]:
     if not shape:  # a 0-d tensor: one block, the element itself
         yield ()
         return
     row = math.prod(shape[1:])
     if row <= size or len(shape) == 1:
-        step = max(1, size // max(row, 1))
-        for i in range(0, shape[0], step):
-            yield (slice(i, i + step),)
+        for rows in _whole_rows(shape[0], row, size):
+            yield (rows,)
     else:
         for i in range(shape[0]):
             for rest in _row_blocks(shape[1:], size):
