@@ -103,25 +103,24 @@ def matmul_gflops(threads: int) -> float:
     return 2 * A.shape[0] * A.shape[1] * B.shape[1] / seconds / 1e9
 
 
-def arithmetic_tflop(shapes: dict[str, tuple[int, int]], tokens: int, blocks: int, true_sequential: bool) -> dict:
-    """The matrix products the run must do, in TFLOP: linear layers' forward passes and the Hessians.
+def hessian_flop(X: torch.Tensor) -> float:
+    """FLOP of one ``_add_upper_gram`` call on ``X`` [tokens, in]: 2·in² a token, of which the upper
+    triangle by row blocks does (k + 1) / 2k."""
+    tokens, d = X.shape
+    k = max(1, round(d / gptq.HESSIAN_ROW_BLOCK))
+    return 2 * d * d * (k + 1) / (2 * k) * tokens
 
-    A linear [out, in] costs 2·in·out FLOP a token. The default runs the block twice (the first pass stops
-    before ``down_proj``), true-sequential once. A Hessian costs 2·in² a token, of which the upper
-    triangle by row blocks (gptq._add_upper_gram) does (k + 1) / 2k; one per distinct input. Attention's
-    own products (QKᵀ, PV) are left out: at 512 tokens they are a few percent of the linears'.
+
+def forward_tflop(shapes: dict[str, tuple[int, int]], tokens: int, blocks: int, true_sequential: bool) -> float:
+    """TFLOP of the linear layers' forward passes: 2·in·out a token for a linear [out, in].
+
+    The default runs each block twice, the first pass stopping before its last linear (``shapes`` is in
+    definition order), true-sequential once. Attention's own products (QKᵀ, PV) are left out: at 512
+    tokens they are a few percent of the linears'.
     """
-    per_token = {layer: 2 * o * i for layer, (o, i) in shapes.items()}
-    full = sum(per_token.values())
-    first = full - sum(v for layer, v in per_token.items() if layer.endswith("down_proj"))
-    forward = (full if true_sequential else full + first) * tokens * blocks
-    hessian = 0.0
-    for layer, (_, i) in shapes.items():
-        if layer.endswith(("k_proj", "v_proj", "up_proj")):
-            continue  # shares q_proj's / gate_proj's input
-        k = max(1, round(i / gptq.HESSIAN_ROW_BLOCK))
-        hessian += 2 * i * i * (k + 1) / (2 * k) * tokens * blocks
-    return dict(forward=forward / 1e12, hessian=hessian / 1e12)
+    per_token = [2 * o * i for o, i in shapes.values()]
+    full = sum(per_token)
+    return (full if true_sequential else 2 * full - per_token[-1]) * tokens * blocks / 1e12
 
 
 def run(
@@ -141,7 +140,13 @@ def run(
     shapes: dict[str, tuple[int, int]] = {}
     hessians = gptq.HessianCollector()
 
+    seen_X: list = [None]  # the last input: layers fed the same X share one Hessian (the collector's rule)
+    flop = defaultdict(float)
+
     def collect(name, linear, X):
+        if X is not seen_X[0]:
+            seen_X[0] = X
+            flop["hessian"] += hessian_flop(X)
         w0, c0 = time.perf_counter(), time.process_time()
         hessians(name, linear, X)
         wall["hessian"] += time.perf_counter() - w0
@@ -203,7 +208,7 @@ def run(
     quiet_estimate = (total_cpu - cpu["gptq"]) / threads + cpu["gptq"]
     # the floor of the matrix products alone at this machine's measured rate, all threads busy
     n_blocks = len(next(iter(by_layer.values())))  # one GPTQ time per block for each layer
-    tflop = arithmetic_tflop(shapes, tokens, n_blocks, true_sequential)
+    tflop = dict(forward=forward_tflop(shapes, tokens, n_blocks, true_sequential), hessian=flop["hessian"] / 1e12)
     gflops = matmul_gflops(threads)
     floor_s = (tflop["forward"] + tflop["hessian"]) * 1e3 / gflops + cpu["gptq"]
     parts = {
