@@ -100,9 +100,10 @@ class BlockContext:
     args: list[tuple]
     kwargs: list[dict]
 
-    def linears(self) -> dict[str, nn.Linear]:
-        """The block's linear layers by qualified name, in definition order."""
-        return surgery.find_linears(self.block, prefix=f"{self.name}.")
+    def linears(self, names: Callable[[str], bool] = lambda name: True) -> dict[str, nn.Linear]:
+        """The block's linear layers by qualified name, in definition order; only those ``names`` accepts."""
+        found = surgery.find_linears(self.block, prefix=f"{self.name}.")
+        return {name: linear for name, linear in found.items() if names(name)}
 
     @torch.no_grad()
     def run(self, inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -124,7 +125,7 @@ class BlockContext:
         follows it; for one early layer, most of the block. (A linear called more than once per pass
         would miss its calls after that point; no supported block does this.)
         """
-        linears = {name: linear for name, linear in self.linears().items() if names(name)}
+        linears = self.linears(names)
         if not linears:
             return
         seen: set[str] = set()
@@ -270,9 +271,8 @@ def run_blockwise(
         if transform_block is not None:
             transform_block(ctx)
         if quantize_linear is not None:
-            for name, linear in ctx.linears().items():
-                if linear_filter(name):
-                    quantize_linear(name, linear)
+            for name, linear in ctx.linears(linear_filter).items():
+                quantize_linear(name, linear)
         if needs_data and index + 1 < len(blocks):
             inputs = ctx.run()  # the processed block's outputs feed the next block
 
@@ -286,7 +286,7 @@ def _run_quantizing(
     ``quantize_linear`` is the one this very call multiplies with: everything after it in the block sees
     the quantized layer's output. Returns the block's outputs (the next block's inputs).
     """
-    linears = {name: linear for name, linear in ctx.linears().items() if names(name)}
+    linears = ctx.linears(names)
     done: set[str] = set()
 
     def on_input(name: str, linear: nn.Linear, X: torch.Tensor) -> None:
