@@ -280,6 +280,8 @@ def bwrap_argv(view: LibraryView, limits: Limits, *, uid: int | None, env: dict[
     argv += _root_links()
     for name in _ETC:
         argv += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+    # the private /tmp first: a Python (or a course checkout) that lives under /tmp is bound on top of it
+    argv += ["--size", str(limits.tmp_bytes), "--perms", "1777", "--tmpfs", "/tmp"]
     made: set[str] = set()
     for root in _python_roots():
         argv += _parents(root, made) + ["--ro-bind", root, root]
@@ -287,7 +289,6 @@ def bwrap_argv(view: LibraryView, limits: Limits, *, uid: int | None, env: dict[
         argv += _parents(original, made) + ["--ro-bind", copy, original]
     argv += ["--proc", "/proc", "--dev", "/dev"]
     argv += _gpu_args()
-    argv += ["--size", str(limits.tmp_bytes), "--perms", "1777", "--tmpfs", "/tmp"]
     argv += ["--dir", "/tmp/work", "--dir", "/tmp/home", "--chdir", "/tmp/work", "--remount-ro", "/"]
     argv += ["--clearenv"]
     for key, value in sorted(env.items()):
