@@ -18,9 +18,11 @@ Usage::
     python benchmarks/bench_gptq.py                      # 128 x 512 calibration tokens (the goal)
     python benchmarks/bench_gptq.py --n-samples 16       # quicker
     python benchmarks/bench_gptq.py --true-sequential    # one pass per block (the reference's --true-sequential)
+    python benchmarks/bench_gptq.py --true-sequential --forward-dtype bfloat16   # forward passes in bf16
 
 Writes ``benchmarks/results/gptq.md`` and ``benchmarks/results/gptq.json`` (read by chapter 6); with
-``--true-sequential``, ``results/gptq_true_sequential.{md,json}``.
+``--true-sequential``, ``results/gptq_true_sequential.{md,json}``; ``--forward-dtype bfloat16`` adds
+``_bfloat16`` to the name.
 """
 
 from __future__ import annotations
@@ -90,10 +92,10 @@ def matrix_algebra_seconds(out_f: int, in_f: int, block_size: int = 128) -> tupl
     return chol, upd
 
 
-def matmul_gflops(threads: int) -> float:
-    """This machine's float32 matrix-product rate (GFLOP/s) on a course-model shape, ``threads`` threads."""
+def matmul_gflops(threads: int, dtype: torch.dtype = torch.float32) -> float:
+    """This machine's matrix-product rate (GFLOP/s) in ``dtype`` on a course-model shape, ``threads`` threads."""
     gen = torch.Generator().manual_seed(0)
-    A, B = torch.randn(4096, 576, generator=gen), torch.randn(576, 1536, generator=gen)
+    A, B = torch.randn(4096, 576, generator=gen).to(dtype), torch.randn(576, 1536, generator=gen).to(dtype)
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -131,10 +133,12 @@ def run(
     batch_size: int,
     ppl_windows: int,
     true_sequential: bool = False,
+    forward_dtype: str | None = None,
+    seed: int = 0,
 ) -> tuple[str, dict]:
     load_start = os.getloadavg()
     model, tokenizer = load_model()
-    calibration = data.calibration_samples(tokenizer, n_samples, seq_len, seed=0)
+    calibration = data.calibration_samples(tokenizer, n_samples, seq_len, seed=seed)
     wall, cpu = defaultdict(float), defaultdict(float)
     layer_seconds: dict[str, float] = {}
     shapes: dict[str, tuple[int, int]] = {}
@@ -174,6 +178,7 @@ def run(
         quantize_linear=quantize,
         batch_size=batch_size,
         true_sequential=true_sequential,
+        forward_dtype=None if forward_dtype is None else getattr(torch, forward_dtype),
         desc=f"GPTQ {n_bits}-bit g{group_size}",
     )
     total_wall, total_cpu, total_rusage = time.perf_counter() - w0, time.process_time() - c0, rusage_cpu() - r0
@@ -209,8 +214,9 @@ def run(
     # the floor of the matrix products alone at this machine's measured rate, all threads busy
     n_blocks = len(next(iter(by_layer.values())))  # one GPTQ time per block for each layer
     tflop = dict(forward=forward_tflop(shapes, tokens, n_blocks, true_sequential), hessian=flop["hessian"] / 1e12)
-    gflops = matmul_gflops(threads)
-    floor_s = (tflop["forward"] + tflop["hessian"]) * 1e3 / gflops + cpu["gptq"]
+    gflops = matmul_gflops(threads)  # the Hessians' products are float32 in every run
+    forward_gflops = gflops if forward_dtype is None else matmul_gflops(threads, getattr(torch, forward_dtype))
+    floor_s = tflop["forward"] * 1e3 / forward_gflops + tflop["hessian"] * 1e3 / gflops + cpu["gptq"]
     parts = {
         part: dict(wall_s=wall[part], cpu_s=cpu[part], share=wall[part] / total_wall)
         for part in ("capture", "forward", "hessian", "gptq")
@@ -218,26 +224,37 @@ def run(
     results = dict(
         meta=dict(
             command=f"python benchmarks/bench_gptq.py --n-samples {n_samples} --seq-len {seq_len}"
-            + (" --true-sequential" if true_sequential else ""),
+            + (" --true-sequential" if true_sequential else "")
+            + (f" --forward-dtype {forward_dtype}" if forward_dtype else "")
+            + (f" --seed {seed}" if seed else ""),
             generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             machine=dict(cpu=cpu_name(), cores=os.cpu_count(), torch=torch.__version__, torch_threads=threads),
             load_average=dict(start=load_start[0], after_gptq=load_after_gptq[0], end=load_end[0]),
             model="SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32), 30 blocks x 7 linear layers",
             gptq=dict(
                 n_bits=n_bits, group_size=group_size, symmetric=False, damp=0.01, block_size=128, act_order=False,
-                true_sequential=true_sequential,
+                true_sequential=true_sequential, forward_dtype=forward_dtype or "float32",
             ),
-            calibration=dict(n_samples=n_samples, seq_len=seq_len, tokens=tokens, batch_size=batch_size),
+            calibration=dict(n_samples=n_samples, seq_len=seq_len, tokens=tokens, batch_size=batch_size, seed=seed),
         ),
         parts=parts,
         total=dict(
             wall_s=total_wall, cpu_s=total_cpu, rusage_cpu_s=total_rusage, minutes=total_wall / 60,
             quiet_estimate_s=quiet_estimate, goal_minutes=GOAL_MINUTES,
-            tflop=tflop, matmul_gflops=gflops, arithmetic_floor_s=floor_s,
+            tflop=tflop, matmul_gflops=gflops, forward_matmul_gflops=forward_gflops, arithmetic_floor_s=floor_s,
         ),
         layers=layers,
         perplexity=dict(windows=ppl_windows, seq_len=512, float=ppl_float, rtn=ppl_rtn, gptq=ppl_gptq),
     )  # fmt: skip
+    stem = ("gptq_true_sequential" if true_sequential else "gptq") + (f"_seed{seed}" if seed else "")
+    sibling = RESULTS.with_name(f"{stem}.json")
+    if forward_dtype and sibling.exists():  # the same run with float32 forward passes, for the perplexity it costs
+        same = json.loads(sibling.read_text())
+        if {**same["meta"]["calibration"], "seed": same["meta"]["calibration"].get("seed", 0)} == results["meta"][
+            "calibration"
+        ]:
+            results["perplexity"]["gptq_float32_forward"] = same["perplexity"]["gptq"]
+            results["perplexity"]["float32_forward_run"] = f"{sibling.stem}.md, {same['meta']['generated']}"
     return render(results), results
 
 
@@ -265,8 +282,13 @@ def render(r: dict) -> str:
             f"- Model: {meta['model']}.",
             f"- GPTQ {setting}, asymmetric, damp 0.01, lazy blocks of 128, no act-order, "
             + ("true-sequential" if q.get("true_sequential") else "every layer from the float block's inputs")
+            + (
+                f"; forward passes in {q['forward_dtype']} (torch.autocast; Hessians and solve in float32)"
+                if q.get("forward_dtype", "float32") != "float32"
+                else ""
+            )
             + f"; calibration {cal['n_samples']} x {cal['seq_len']} = {cal['tokens']:,} tokens of the course text, "
-            f"batches of {cal['batch_size']}.",
+            f"batches of {cal['batch_size']}" + (f", calibration seed {cal['seed']}." if cal.get("seed") else "."),
             "",
             "## Where the time goes",
             "",
@@ -287,7 +309,13 @@ def render(r: dict) -> str:
             f"The floor of the arithmetic: the linear layers' forward passes are {total['tflop']['forward']:.1f} "
             f"TFLOP and the Hessians {total['tflop']['hessian']:.1f} TFLOP; at the {total['matmul_gflops']:.0f} "
             f"GFLOP/s a float32 product of a course-model shape reaches here on {machine['torch_threads']} threads "
-            f"(measured in this run), plus GPTQ's own loop, that is {total['arithmetic_floor_s'] / 60:.1f} min.",
+            "(measured in this run"
+            + (
+                f"; {total['forward_matmul_gflops']:.0f} GFLOP/s in {q['forward_dtype']}, the forward passes' precision"
+                if q.get("forward_dtype", "float32") != "float32"
+                else ""
+            )
+            + f"), plus GPTQ's own loop, that is {total['arithmetic_floor_s'] / 60:.1f} min.",
             "",
             (
                 "`forward` is one pass per block over all the calibration tokens at once, in which each linear "
@@ -321,6 +349,20 @@ def render(r: dict) -> str:
             f"| float32 (dequantized Q4_1) | {ppl['float']:.2f} |",
             f"| RTN {setting} | {ppl['rtn']:.2f} |",
             f"| GPTQ {setting} ({cal['n_samples']} x {cal['seq_len']} calibration) | {ppl['gptq']:.2f} |",
+            *(
+                [
+                    f"| GPTQ {setting}, float32 forward passes (`{ppl['float32_forward_run']}`) | "
+                    f"{ppl['gptq_float32_forward']:.2f} |",
+                    "",
+                    f"The {q['forward_dtype']} forward passes cost "
+                    f"{ppl['gptq'] / ppl['gptq_float32_forward'] - 1:+.1%} of perplexity against float32 ones "
+                    "on the same calibration: "
+                    f"{(ppl['gptq'] - ppl['gptq_float32_forward']) / (ppl['rtn'] - ppl['gptq_float32_forward']):.0%} "
+                    "of GPTQ's gain over RTN.",
+                ]
+                if "gptq_float32_forward" in ppl
+                else []
+            ),
             "",
         ]
     )
@@ -340,13 +382,23 @@ def main() -> None:
         help="quantize each layer from the quantized layers' outputs, one pass per block (default output: "
         "results/gptq_true_sequential.md)",
     )
+    parser.add_argument(
+        "--forward-dtype",
+        choices=("bfloat16", "float16"),
+        default=None,
+        help="run the calibration forward passes in this precision (torch.autocast); default float32",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default 0)")
     parser.add_argument("--output", type=Path, default=None, help="default: results/gptq.md")
     args = parser.parse_args()
     if args.output is None:
-        args.output = RESULTS.with_name("gptq_true_sequential.md") if args.true_sequential else RESULTS
+        stem = "gptq" + ("_true_sequential" if args.true_sequential else "")
+        stem += f"_{args.forward_dtype}" if args.forward_dtype else ""
+        stem += f"_seed{args.seed}" if args.seed else ""
+        args.output = RESULTS.with_name(f"{stem}.md")
     report, results = run(
         args.n_samples, args.seq_len, args.n_bits, args.group_size, args.batch_size, args.ppl_windows,
-        args.true_sequential,
+        args.true_sequential, args.forward_dtype, args.seed,
     )  # fmt: skip
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(report)

@@ -324,6 +324,9 @@ def _model_that_must_not_run():
         (dict(symmetric="yes"), "symmetric must be True or False"),
         (dict(true_sequential=1), "true_sequential must be True or False"),
         (dict(method="rtn", true_sequential=True), "true_sequential only apply to method='gptq'"),
+        (dict(forward_dtype="bf16"), "forward_dtype must be None .* 'bfloat16' or 'float16'"),
+        (dict(forward_dtype=torch.bfloat16), "forward_dtype must be None"),
+        (dict(method="rtn", forward_dtype="bfloat16"), "forward_dtype only apply to method='gptq'"),
         (dict(batch_size=0), "batch_size must be a positive int"),
         (dict(calibration=None), "method='gptq' needs calibration token ids"),
         (dict(calibration=torch.randn(2, 8)), "token ids"),
@@ -339,7 +342,7 @@ def test_gptq_config_fills_in_gptq_defaults_and_is_frozen():
     config = qc.gptq.GPTQConfig()
     assert config.as_dict() == dict(
         method="gptq", n_bits=4, group_size=64, symmetric=False, act_order=False, static_groups=False,
-        damp=0.01, block_size=128, true_sequential=False,
+        damp=0.01, block_size=128, true_sequential=False, forward_dtype=None,
     )  # fmt: skip
     assert qc.gptq.GPTQConfig(method="rtn").act_order is False
     with pytest.raises(AttributeError):

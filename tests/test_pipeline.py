@@ -223,6 +223,65 @@ def test_true_sequential_equals_rerunning_the_block_before_each_linear(kind):
     assert not torch.equal(surgery.get_module(default, name).weight, surgery.get_module(model, name).weight)
 
 
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_bfloat16_forward_computes_the_block_in_bf16_and_every_callback_in_float32(true_sequential):
+    x = calib(8, 32)
+    model = tiny("llama")
+    products, hessian_inputs, solved = [], [], []
+    hooks = [
+        linear.register_forward_hook(lambda m, a, o: products.append(o.dtype))
+        for linear in surgery.find_linears(model).values()
+    ]
+    original = gptq.gptq_quantize
+
+    def spy(W, H, *args, **kwargs):  # the solve runs outside autocast, on float32 W and H
+        solved.append((W.dtype, H.dtype, torch.is_autocast_enabled("cpu")))
+        return original(W, H, *args, **kwargs)
+
+    collector = gptq.HessianCollector.__call__
+
+    def collect(self, name, linear, X):
+        hessian_inputs.append((X.dtype, torch.is_autocast_enabled("cpu")))
+        collector(self, name, linear, X)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gptq, "gptq_quantize", spy)
+        mp.setattr(gptq.HessianCollector, "__call__", collect)
+        result = gptq.quantize_model(
+            model, x, n_bits=4, group_size=32, true_sequential=true_sequential, forward_dtype="bfloat16",
+            batch_size=4, progress=False,
+        )  # fmt: skip
+    for h in hooks:
+        h.remove()
+    assert set(products) == {torch.bfloat16}  # every linear of the calibration passes multiplied in bf16
+    assert {enabled for _, enabled in hessian_inputs} == {False}
+    assert torch.bfloat16 in {dtype for dtype, _ in hessian_inputs}  # o_proj / down_proj get bf16 inputs
+    assert set(solved) == {(torch.float32, torch.float32, False)}
+    assert result.config["forward_dtype"] == "bfloat16"
+    assert not torch.is_autocast_enabled("cpu")
+    for linear in surgery.find_linears(model).values():
+        assert linear.weight.dtype == torch.float32
+    # the weights are those of a float32 run up to calibration noise: most codes equal, output as close
+    reference = tiny("llama")
+    gptq.quantize_model(
+        reference, x, n_bits=4, group_size=32, true_sequential=true_sequential, batch_size=4, progress=False
+    )
+    differ = total = 0
+    for name, linear in surgery.find_linears(model).items():
+        differ += (linear.weight != surgery.get_module(reference, name).weight).sum().item()
+        total += linear.weight.numel()
+    assert 0 < differ / total < 0.1, differ / total
+    with torch.no_grad():
+        want = tiny("llama")(x).logits
+        err_bf16, err_f32 = ((m(x).logits - want).pow(2).mean().item() for m in (model, reference))
+    assert err_bf16 < 1.5 * err_f32, (err_bf16, err_f32)
+
+
+def test_forward_dtype_must_be_a_half_precision_torch_dtype():
+    with pytest.raises(ValueError, match="forward_dtype must be None"):
+        pipeline.run_blockwise(tiny("llama"), calib(), collect=lambda *a: None, forward_dtype=torch.float64)
+
+
 def test_true_sequential_shares_one_hessian_between_q_k_v(monkeypatch):
     calls = []
     original = gptq._add_upper_gram

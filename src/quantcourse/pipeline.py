@@ -42,6 +42,15 @@ before it computes its output with the quantized weight::
 One pass per block instead of two, and bigger matrix products; the price is memory: the block's
 activations for every calibration token at once (for the course model at 128 x 512 tokens the
 largest, the MLP's [65536, 1536] float32 input of ``down_proj``, is 0.4 GB).
+
+``forward_dtype=torch.bfloat16`` runs the blocks' calibration passes under ``torch.autocast``: the
+matrix products and attention compute in bfloat16, while the residual stream, the norms, the model's
+weights and every callback (Hessians, the GPTQ solve) stay in float32. The reference does the same
+with float16 on a GPU (it loads the model in half precision and casts each layer's input to float32
+for the Hessian). On a CPU with bfloat16 instructions (AVX-512 BF16, AMX) a block's pass is about
+twice as fast; elsewhere autocast may be slower than float32. bfloat16 rounds to 8 bits of mantissa
+(float16: 11), and the statistics it gives are measurably worse for GPTQ (see
+:func:`quantcourse.gptq.quantize_model`), so it is an option, never the default.
 """
 
 from __future__ import annotations
@@ -60,6 +69,8 @@ from . import surgery
 from .progress import progress_bar
 
 __all__ = [
+    "FORWARD_DTYPES",
+    "check_forward_dtype",
     "BlockContext",
     "capture_block_inputs",
     "check_calibration",
@@ -70,6 +81,18 @@ __all__ = [
 
 LinearInputFn = Callable[[str, nn.Linear, torch.Tensor], None]  # (name, linear, X [tokens, in])
 QuantizeLinearFn = Callable[[str, nn.Linear], None]  # (name, linear): replace linear.weight, in place
+
+
+FORWARD_DTYPES = (torch.bfloat16, torch.float16)  # what torch.autocast computes in, on CPU and GPU
+
+
+def check_forward_dtype(forward_dtype: torch.dtype | None) -> None:
+    """Raise ``ValueError`` unless ``forward_dtype`` is ``None`` or one of :data:`FORWARD_DTYPES`."""
+    if forward_dtype is not None and forward_dtype not in FORWARD_DTYPES:
+        raise ValueError(
+            "forward_dtype must be None (the model's own dtype), torch.bfloat16 or torch.float16, "
+            f"got {forward_dtype!r}"
+        )
 
 
 class _StopForward(Exception):
@@ -91,6 +114,8 @@ class BlockContext:
         inputs: hidden-state batches ``[batch, seq, hidden]``: what the block receives.
         args: per batch, the positional arguments after the hidden states.
         kwargs: per batch, the keyword arguments (attention mask, position embeddings, ...).
+        forward_dtype: ``None``, or the lower precision :meth:`run` and :meth:`collect` compute the
+            block in (``torch.autocast``; see the module docstring). Callbacks always run in full precision.
     """
 
     index: int
@@ -99,6 +124,23 @@ class BlockContext:
     inputs: list[torch.Tensor]
     args: list[tuple]
     kwargs: list[dict]
+    forward_dtype: torch.dtype | None = None
+
+    def _device_type(self) -> str:
+        return self.inputs[0].device.type if self.inputs else "cpu"
+
+    def forward_precision(self) -> contextlib.AbstractContextManager:
+        """The context the block's passes run in: ``torch.autocast`` to ``forward_dtype``, or nothing."""
+        if self.forward_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self._device_type(), dtype=self.forward_dtype)
+
+    def full_precision(self) -> contextlib.AbstractContextManager:
+        """The context a callback runs in from inside a pass: autocast switched off (a Hessian's products
+        and the GPTQ solve must not drop to ``forward_dtype``)."""
+        if self.forward_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self._device_type(), enabled=False)
 
     def linears(self, names: Callable[[str], bool] = lambda name: True) -> dict[str, nn.Linear]:
         """The block's linear layers by qualified name, in definition order; only those ``names`` accepts."""
@@ -109,7 +151,10 @@ class BlockContext:
     def run(self, inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """The block's outputs on ``inputs`` (default: its calibration inputs), one tensor per batch."""
         inputs = self.inputs if inputs is None else inputs
-        return [_block_output(self.block(x, *a, **k)) for x, a, k in zip(inputs, self.args, self.kwargs, strict=True)]
+        with self.forward_precision():
+            return [
+                _block_output(self.block(x, *a, **k)) for x, a, k in zip(inputs, self.args, self.kwargs, strict=True)
+            ]
 
     @torch.no_grad()
     def collect(self, fn: LinearInputFn, *, names: Callable[[str], bool] = lambda name: True) -> None:
@@ -131,12 +176,13 @@ class BlockContext:
         seen: set[str] = set()
 
         def on_input(name: str, linear: nn.Linear, X: torch.Tensor) -> None:
-            fn(name, linear, X)
+            with self.full_precision():
+                fn(name, linear, X)
             seen.add(name)
             if len(seen) == len(linears):
                 raise _StopForward
 
-        with surgery.record_inputs(linears, on_input):
+        with surgery.record_inputs(linears, on_input), self.forward_precision():
             for x, a, k in zip(self.inputs, self.args, self.kwargs, strict=True):
                 seen.clear()
                 with contextlib.suppress(_StopForward):
@@ -208,6 +254,7 @@ def run_blockwise(
     linear_filter: Callable[[str], bool] = lambda name: True,
     batch_size: int = 8,
     true_sequential: bool = False,
+    forward_dtype: torch.dtype | None = None,
     progress: bool = True,
     desc: str = "blocks",
 ) -> None:
@@ -232,6 +279,9 @@ def run_blockwise(
         true_sequential: quantize each linear from the outputs of the already-quantized linears before
             it in the block, in one pass per block (needs ``collect`` and ``quantize_linear``, and no
             ``transform_block``).
+        forward_dtype: ``None`` (the model's dtype), or ``torch.bfloat16`` / ``torch.float16``: run the
+            blocks' calibration passes under ``torch.autocast`` in that precision; every callback still
+            runs in full precision (see the module docstring).
         progress: show a tqdm bar over the blocks.
         desc: the bar's label.
     """
@@ -241,6 +291,7 @@ def run_blockwise(
             "and quantize_linear, and no transform_block (a transform changes the block before any linear is "
             "quantized: run it with true_sequential=False)"
         )
+    check_forward_dtype(forward_dtype)
     model = surgery.as_plain_linears(model).eval()  # calibration never runs dropout
     blocks = surgery.decoder_blocks(model)
     names = _qualified_names(model, blocks)
@@ -261,11 +312,11 @@ def run_blockwise(
         on_cpu = all(x.device.type == "cpu" for x in inputs)
         with _large_allocations_reused() if on_cpu else contextlib.nullcontext():
             for index in progress_bar(range(len(blocks)), desc=desc, disable=not progress):
-                ctx = BlockContext(index, names[index], blocks[index], inputs, args, kwargs)
+                ctx = BlockContext(index, names[index], blocks[index], inputs, args, kwargs, forward_dtype)
                 inputs = _run_quantizing(ctx, collect, quantize_linear, linear_filter)
         return
     for index in progress_bar(range(len(blocks)), desc=desc, disable=not progress):
-        ctx = BlockContext(index, names[index], blocks[index], inputs, args, kwargs)
+        ctx = BlockContext(index, names[index], blocks[index], inputs, args, kwargs, forward_dtype)
         if collect is not None:
             ctx.collect(collect, names=linear_filter)
         if transform_block is not None:
@@ -292,8 +343,9 @@ def _run_quantizing(
     def on_input(name: str, linear: nn.Linear, X: torch.Tensor) -> None:
         if name in done:
             raise RuntimeError(f"{name} is called twice in one pass of its block; use true_sequential=False")
-        collect(name, linear, X)
-        quantize_linear(name, linear)
+        with ctx.full_precision():
+            collect(name, linear, X)
+            quantize_linear(name, linear)
         done.add(name)
 
     with surgery.record_inputs(linears, on_input):
