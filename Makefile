@@ -41,10 +41,11 @@ else
 RUN_ENV = PATH="$(abspath $(BIN)):$$PATH" $(if $(filter 1,$(CUDA_AVAILABLE)),,TRITON_INTERPRET=1)
 endif
 
-.PHONY: help setup book screenshots test lint format test-unit test-solutions test-book selfcheck check-release release nbval-book clean
+.PHONY: help setup book pdf screenshots test lint format test-unit test-solutions test-book selfcheck check-release release nbval-book clean
 
 help:
 	@echo "make book        set up .venv (if needed) and build the HTML book into _build/html"
+	@echo "make pdf         the whole book as one PDF, _build/quantcourse.pdf (single-page build printed by Chromium)"
 	@echo "make screenshots full-page screenshots of the built book's pages into _build/screenshots (Chromium)"
 	@echo "make test        set up .venv (if needed) and run every test (pytest, nbval, book build, selfcheck, release sync)"
 	@echo "make lint        ruff: lint and format check (make format rewrites the files)"
@@ -74,6 +75,12 @@ book: setup
 	$(RUN_ENV) $(BIN)/jupyter-book build -W -n --keep-going .
 	$(PY) .ci/check_book_html.py _build/html
 	@echo "open _build/html/index.html in a browser"
+
+# The single-page build renders from the same execution cache as `make book`; Chromium prints it (no download).
+pdf: setup
+	$(RUN_ENV) $(PY) .ci/execute_book.py $(BOOK_CACHE) $(BOOK_TIMEOUT)
+	$(RUN_ENV) $(BIN)/jupyter-book build -n --keep-going --builder singlehtml .
+	$(PY) .ci/pdf.py _build/singlehtml/index.html _build/quantcourse.pdf
 
 # Needs a built book (make book) and Chromium (Debian: apt-get install -y chromium); no download.
 screenshots: setup
