@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import quantcourse as qc
 
 
@@ -39,3 +41,36 @@ def test_html_table_shows_a_missing_value_as_a_dash_in_a_formatted_column():
 
     html = html_table([{"ppl": 13.678}, {"ppl": None}], fmt={"ppl": ".2f"})
     assert "<td>13.68</td>" in html and '<td class="text">-</td>' in html
+
+
+def test_markdown_table_reads_the_first_table_between_prose():
+    from quantcourse.display import markdown_table
+
+    text = (
+        "# title\n\n- date: today\n\n"
+        "| format | M w/s |\n|---|---:|\n| Q8_0 | 477.0 |\n| `Q4_0` | 380.0 |\n\n"
+        "after\n| x |\n|---|\n| 1 |\n"
+    )
+    assert markdown_table(text) == [{"format": "Q8_0", "M w/s": "477.0"}, {"format": "`Q4_0`", "M w/s": "380.0"}]
+
+
+def test_markdown_table_says_what_is_wrong():
+    from quantcourse.display import markdown_table
+
+    with pytest.raises(ValueError, match="no markdown table"):
+        markdown_table("| a | b |\nno separator line\n")
+    with pytest.raises(ValueError, match="3 cells where the header has 2"):
+        markdown_table("| a | b |\n|---|---|\n| 1 | 2 | 3 |\n")
+
+
+def test_markdown_table_reads_the_committed_benchmark_results_the_book_quotes():
+    from pathlib import Path
+
+    from quantcourse.display import markdown_table
+    from quantcourse.gguf import FORMATS
+
+    results = Path(__file__).parents[1] / "benchmarks" / "results"
+    gguf = markdown_table((results / "gguf.md").read_text())
+    assert [r["format"] for r in gguf] == list(FORMATS)
+    one_thread = (results / "primitives.md").read_text().split("\n## 1 thread\n")[1]
+    assert any(r["operation"].startswith("`dst.copy_") for r in markdown_table(one_thread))
